@@ -1,0 +1,176 @@
+"""The one place that lists every config field, with the published V-JEPA 2 values as defaults.
+
+Experiment files in configs/ start from `base_config()` and change what differs; the trainer locks the
+result, so a misspelt `--config.field=value` override fails before any work starts, and `validate` rejects
+inconsistent values (e.g. a resolution the patch size does not divide) with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jepa", "data")
+
+
+def world_source(preset: str = "default", split: str = "train", weight: float = 1.0) -> ConfigDict:
+    """The embedded MuJoCo world dataset: generated once into data_dir, then read as a TFDS ArrayRecord dataset."""
+    return ConfigDict(dict(kind="world", name="jepa_world", data_dir=DEFAULT_DATA_DIR, split=split, path="",
+                           weight=weight, preset=preset))
+
+
+def folder_source(name: str, data_dir: str = DEFAULT_DATA_DIR, split: str = "train",
+                  weight: float = 1.0) -> ConfigDict:
+    """A TFDS ArrayRecord dataset, e.g. one made by `python -m jepa.data.prepare video_folder`."""
+    return ConfigDict(dict(kind="tfds", name=name, data_dir=data_dir, split=split, path="", weight=weight,
+                           preset=""))
+
+
+def manifest_source(path: str, weight: float = 1.0) -> ConfigDict:
+    """A folder of videos or a CSV/JSON-lines manifest read directly, with no preparation step."""
+    return ConfigDict(dict(kind="manifest", name="", data_dir="", split="train", path=path, weight=weight,
+                           preset=""))
+
+
+def mask_type(num_blocks: int, spatial_scale: float, mask_token: int) -> ConfigDict:
+    """One multi-block mask type; `mask_token` picks the predictor's learned mask token (reference order:
+    short-range 0, long-range 1), so released predictor weights line up whatever the names sort to."""
+    return ConfigDict(dict(num_blocks=num_blocks, spatial_scale=spatial_scale, temporal_scale=1.0,
+                           aspect_ratio=(0.75, 1.5), num_context=0, num_target=0, mask_token=mask_token))
+
+
+def base_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+
+    # ---- data (jepa/data/pipeline.py) ----
+    c.data = ConfigDict()
+    c.data.sources = ConfigDict({"world": world_source()})
+    c.data.num_frames = 16
+    c.data.frame_step = 4
+    c.data.target_fps = 0.0            # > 0: pick frame_step per video from its fps (4 fps in the paper)
+    c.data.resolution = 256
+    c.data.crop_scale = (0.3, 1.0)
+    c.data.crop_aspect = (0.75, 1.35)
+    c.data.hflip = True
+    c.data.num_workers = 0             # Grain multiprocess prefetch workers (0 = in the main process)
+    c.data.prefetch_buffer = 2
+    c.data.decode_short_side = 0       # 0 = auto (a little above the crop resolution)
+    c.data.eval_mode = "center"
+    c.data.num_segments = 1
+    c.data.max_decode_retries = 8
+
+    # ---- masks (jepa/masks.py): short-range and long-range multi-block masks ----
+    c.mask = ConfigDict()
+    c.mask.types = ConfigDict({"short": mask_type(8, 0.15, 0), "long": mask_type(2, 0.7, 1)})
+    c.mask.length_quantile = 0.1       # static per-type token counts: this quantile of the drawn sizes
+
+    # ---- model (jepa/models) ----
+    c.model = ConfigDict()
+    c.model.encoder = ConfigDict(dict(size="large", width=0, depth=0, heads=0, mlp_dim=0, patch_size=16,
+                                      tubelet_size=2))
+    c.model.predictor = ConfigDict(dict(width=384, depth=12, heads=12, num_mask_tokens=10))
+    c.model.rope_layout = "reference"  # or "interleaved"
+    c.model.dtype = "bfloat16"         # compute dtype; parameters stay float32
+    c.model.remat = "none"             # "none" | "full" | "dots"
+
+    # ---- objective (jepa/objectives/vjepa.py) ----
+    c.loss = ConfigDict(dict(exponent=1.0))
+
+    # ---- optimisation (jepa/optim.py): published V-JEPA 2 values ----
+    c.optim = ConfigDict(dict(
+        lr=5.25e-4, start_lr=1e-4, final_lr=0.0, warmup_steps=12000, schedule="warmup_constant",
+        cooldown_steps=12000, weight_decay=0.04, final_weight_decay=0.04, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip=0.0, ema_momentum=0.99925, final_ema_momentum=0.99925, grad_accum_steps=1))
+
+    # ---- trainer (jepa/train.py) ----
+    c.train = ConfigDict()
+    c.train.global_batch_size = 3072
+    c.train.total_steps = 240000
+    c.train.stop_at = 0                # > 0: leave after this step (schedules still span total_steps)
+    c.train.log_every = 10
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.init_from = ""             # another run's workdir: start from its weights (cool-down, fine-tuning)
+    c.train.collapse_warn_rank = 0.05  # warn when effective rank falls below this fraction of the width
+    c.train.peak_flops = 0.0           # per device; 0 = nominal table on accelerators, measured on CPU
+    c.train.compilation_cache = os.path.join(os.path.expanduser("~"), ".cache", "jepa", "jax")
+
+    # ---- mesh (jepa/sharding.py): -1 fills the remaining devices ----
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+def validate(c: ConfigDict) -> None:
+    """Fail before any work on values that cannot work together."""
+    def need(ok: bool, field: str, why: str):
+        if not ok:
+            raise ValueError(f"config.{field}: {why}")
+
+    d, e = c.data, c.model.encoder
+    need(d.num_frames % e.tubelet_size == 0, "data.num_frames",
+         f"{d.num_frames} is not divisible by model.encoder.tubelet_size={e.tubelet_size}")
+    need(d.resolution % e.patch_size == 0, "data.resolution",
+         f"{d.resolution} is not divisible by model.encoder.patch_size={e.patch_size}")
+    need(len(d.sources) > 0, "data.sources", "no data source configured")
+    for name, s in d.sources.items():
+        need(s.kind in ("world", "tfds", "manifest"), f"data.sources.{name}.kind",
+             f"{s.kind!r} is not one of world, tfds, manifest")
+        need(s.weight > 0, f"data.sources.{name}.weight", f"must be > 0, got {s.weight}")
+        need(s.kind != "manifest" or bool(s.path), f"data.sources.{name}.path", "a manifest source needs a path")
+    need(len(c.mask.types) > 0, "mask.types", "at least one mask type is needed")
+    for name, t in c.mask.types.items():
+        need(0 <= t.mask_token < c.model.predictor.num_mask_tokens, f"mask.types.{name}.mask_token",
+             f"{t.mask_token} is not below model.predictor.num_mask_tokens={c.model.predictor.num_mask_tokens}")
+    need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
+    need(c.model.remat in ("none", "full", "dots"), "model.remat", f"unknown policy {c.model.remat!r}")
+    need(c.model.rope_layout in ("reference", "interleaved"), "model.rope_layout",
+         f"unknown layout {c.model.rope_layout!r}")
+    need(c.loss.exponent > 0, "loss.exponent", "must be > 0")
+    need(c.train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+    need(c.train.global_batch_size % c.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
+         f"{c.optim.grad_accum_steps} does not divide train.global_batch_size={c.train.global_batch_size}")
+    need(c.train.total_steps > 0, "train.total_steps", "must be > 0")
+    need(0.0 <= c.optim.ema_momentum <= 1.0 and 0.0 <= c.optim.final_ema_momentum <= 1.0,
+         "optim.ema_momentum", "must lie in [0, 1]")
+
+
+def vjepa2_recipe(size: str, arg: str = ""):
+    """Shared body of the published V-JEPA 2 recipes (ViT-L/H/g at 16 frames x 256 px, global batch 3072).
+
+    Variants by argument: "" (main phase: 12k warmup + constant lr), "cooldown" (64 frames, linear decay over 12k
+    steps, initialised from the main run given by --config.train.init_from), "384" (ViT-g at 384 px).
+    Data mixture fields point at TFDS datasets prepared with `python -m jepa.data.prepare video_folder`; the
+    published weights are Kinetics-710 0.335, SSv2 0.10, HowTo100M 0.565.
+    """
+    c = base_config()
+    c.data.sources = {
+        "k710": folder_source("jepa_video_folder/k710", weight=0.335),
+        "ssv2": folder_source("jepa_video_folder/ssv2", weight=0.10),
+        "howto100m": folder_source("jepa_video_folder/howto100m", weight=0.565),
+    }
+    c.data.num_frames = 16
+    c.data.target_fps = 4.0
+    c.data.resolution = 256
+    c.data.num_workers = 16
+    c.model.encoder.size = size
+    c.model.remat = "full"
+    c.train.global_batch_size = 3072
+    c.train.total_steps = 240000  # 12k warmup + 228k constant
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    variants = set(a for a in arg.split(",") if a)
+    unknown = variants - {"cooldown", "384"}
+    if unknown:
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}; expected 'cooldown' and/or '384'")
+    if "384" in variants:
+        c.data.resolution = 384
+    if "cooldown" in variants:
+        c.data.num_frames = 64
+        c.optim.schedule = "cooldown"
+        c.optim.warmup_steps = 0
+        c.train.total_steps = 12000
+        c.train.init_from = ""  # set to the main run's workdir on the command line
+    return c

@@ -1,0 +1,99 @@
+"""V-JEPA 2 models in Flax NNX behind a pure functional boundary.
+
+    enc = build_encoder(config.model, nnx.Rngs(0))
+    graphdef, params = nnx.split(enc, nnx.Param)   # the models hold nothing but nnx.Param state
+    out = nnx.merge(graphdef, params)(video, token_idx)
+
+Block parameters are stacked along a leading depth axis (one `lax.scan` over blocks), so e.g. the blocks'
+biases and LayerNorm scales are 2-D [depth, width]: select parameters for weight decay by name
+(`weight_decay_mask`), not by ndim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jepa.models.layers import REMAT_POLICIES, Blocks
+from jepa.models.predictor import Predictor
+from jepa.models.rope import LAYOUTS as ROPE_LAYOUTS
+from jepa.models.vit import ENCODER_SIZES, VisionTransformer, token_grid
+
+__all__ = ["ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "Blocks", "Predictor", "VisionTransformer",
+           "build_encoder", "build_predictor", "compute_dtype", "resolved_dims", "token_grid",
+           "weight_decay_mask"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(model_cfg):
+    name = str(model_cfg.dtype)
+    if name not in DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {tuple(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _get(cfg, key, default=0):
+    return cfg[key] if key in cfg else default
+
+
+def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
+    """Encoder and predictor sizes after applying ENCODER_SIZES defaults and explicit (> 0) overrides.
+
+    -> {"encoder": {width, depth, heads, mlp_dim, patch_size, tubelet_size},
+        "predictor": {width, depth, heads, mlp_dim, num_mask_tokens}}"""
+    enc = model_cfg.encoder
+    size = str(enc.size)
+    if size not in ENCODER_SIZES:
+        raise ValueError(f"config.model.encoder.size must be one of {tuple(ENCODER_SIZES)}, got {size!r}")
+    dims = dict(ENCODER_SIZES[size])
+    for key in ("width", "depth", "heads", "mlp_dim"):
+        value = int(_get(enc, key))
+        if value < 0:
+            raise ValueError(f"config.model.encoder.{key} must be >= 0 (0 = the size's default), got {value}")
+        if value > 0:
+            dims[key] = value
+    dims["patch_size"] = int(enc.patch_size)
+    dims["tubelet_size"] = int(enc.tubelet_size)
+    pred = model_cfg.predictor
+    pdims = {key: int(_get(pred, key)) for key in ("width", "depth", "heads", "num_mask_tokens")}
+    for key, value in pdims.items():
+        if value <= 0:
+            raise ValueError(f"config.model.predictor.{key} must be positive, got {value}")
+    pdims["mlp_dim"] = int(_get(pred, "mlp_dim")) or 4 * pdims["width"]
+    return {"encoder": dims, "predictor": pdims}
+
+
+def _common(model_cfg) -> dict[str, Any]:
+    return dict(rope_layout=str(model_cfg.rope_layout), dtype=compute_dtype(model_cfg),
+                remat=str(model_cfg.remat))
+
+
+def build_encoder(model_cfg, rngs: nnx.Rngs) -> VisionTransformer:
+    """The context / target encoder described by config.model."""
+    d = resolved_dims(model_cfg)["encoder"]
+    return VisionTransformer(**d, **_common(model_cfg), rngs=rngs)
+
+
+def build_predictor(model_cfg, grid: Sequence[int], rngs: nnx.Rngs) -> Predictor:
+    """The predictor for clips with token grid (T', H', W') (see `token_grid`)."""
+    dims = resolved_dims(model_cfg)
+    p = dims["predictor"]
+    return Predictor(encoder_width=dims["encoder"]["width"], width=p["width"], depth=p["depth"], heads=p["heads"],
+                     mlp_dim=p["mlp_dim"], num_mask_tokens=p["num_mask_tokens"], grid=tuple(grid),
+                     **_common(model_cfg), rngs=rngs)
+
+
+NO_DECAY_SUFFIXES = ("_bias", "_scale", "mask_tokens")
+
+
+def weight_decay_mask(params) -> Any:
+    """Same-structure pytree of bools: True for weight matrices (kernels), False for biases, LayerNorm scales
+    and mask tokens (no decay on those, as the reference). Works on nested dicts / nnx.State of our models."""
+    def decide(path, _):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+        return not name.endswith(NO_DECAY_SUFFIXES)
+    return jax.tree_util.tree_map_with_path(decide, params)

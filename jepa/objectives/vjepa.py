@@ -1,0 +1,104 @@
+"""The V-JEPA 2 objective: predict the EMA target encoder's representations of masked tokens.
+
+Per mask type, the context encoder sees only the context tokens, the predictor fills in one mask token per
+target position, and the loss is mean |prediction - target|^p / p against the layer-normalised (no affine)
+outputs of the EMA encoder on the full clip, gathered at the target positions; losses are averaged over
+mask types. Token counts per mask type are fixed (jepa/masks.py), so everything here has static shapes.
+
+Parameters travel as plain nested dicts; the Flax NNX modules are rebuilt from their graph definitions
+inside the jitted functions (`nnx.merge`), which is free at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jepa import models
+from jepa.metrics import effective_rank
+
+Params = Any
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without affine parameters, in float32 (the targets of the reference)."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, L, D], idx [B, N] -> [B, N, D]."""
+    return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class VJEPA:
+    """Graph definitions of the encoder and predictor plus the objective's settings (all static)."""
+
+    encoder_def: Any
+    predictor_def: Any
+    mask_names: tuple[str, ...]
+    mask_tokens: tuple[int, ...]   # the predictor mask token of each mask type
+    loss_exponent: float = 1.0
+
+    @classmethod
+    def from_config(cls, config, grid: Sequence[int]) -> VJEPA:
+        enc = nnx.eval_shape(lambda: models.build_encoder(config.model, nnx.Rngs(0)))
+        pred = nnx.eval_shape(lambda: models.build_predictor(config.model, tuple(grid), nnx.Rngs(0)))
+        return cls(encoder_def=nnx.graphdef(enc), predictor_def=nnx.graphdef(pred),
+                   mask_names=tuple(config.mask.types.keys()),
+                   mask_tokens=tuple(int(t.mask_token) for t in config.mask.types.values()),
+                   loss_exponent=float(config.loss.exponent))
+
+    # ---- parameters ----
+    def init(self, rng: jax.Array, config, grid: Sequence[int]) -> dict[str, Params]:
+        k_enc, k_pred = jax.random.split(rng)
+        enc = models.build_encoder(config.model, nnx.Rngs(k_enc))
+        pred = models.build_predictor(config.model, tuple(grid), nnx.Rngs(k_pred))
+        return {"encoder": nnx.to_pure_dict(nnx.state(enc, nnx.Param)),
+                "predictor": nnx.to_pure_dict(nnx.state(pred, nnx.Param))}
+
+    # ---- forward passes ----
+    def encode(self, encoder_params: Params, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+        return nnx.merge(self.encoder_def, nnx.State(encoder_params))(video, token_idx)
+
+    def predict(self, predictor_params: Params, context: jax.Array, context_idx: jax.Array,
+                target_idx: jax.Array, mask_index: int) -> jax.Array:
+        predictor = nnx.merge(self.predictor_def, nnx.State(predictor_params))
+        return predictor(context, context_idx, target_idx, mask_index)
+
+    def targets(self, ema_params: Params, video: jax.Array) -> jax.Array:
+        return jax.lax.stop_gradient(layer_norm(self.encode(ema_params, video)))
+
+    # ---- the loss ----
+    def loss(self, params: dict[str, Params], ema_params: Params, batch: dict[str, jax.Array]):
+        """Returns (loss, aux) with the loss per mask type and collapse diagnostics of the targets."""
+        video = batch["video"]
+        targets = self.targets(ema_params, video)
+        aux, total = {}, 0.0
+        for name, mask_token in zip(self.mask_names, self.mask_tokens, strict=True):
+            ctx_idx, tgt_idx = batch[f"{name}/context_idx"], batch[f"{name}/target_idx"]
+            context = self.encode(params["encoder"], video, ctx_idx)
+            pred = self.predict(params["predictor"], context, ctx_idx, tgt_idx, mask_token).astype(jnp.float32)
+            err = jnp.abs(pred - gather_tokens(targets, tgt_idx))
+            loss = jnp.mean(err ** self.loss_exponent) / self.loss_exponent
+            aux[f"loss/{name}"] = loss
+            total = total + loss
+        total = total / len(self.mask_names)
+        aux.update(representation_stats(targets))
+        return total, aux
+
+
+def representation_stats(tokens: jax.Array, max_rows: int = 4096) -> dict[str, jax.Array]:
+    """Collapse diagnostics on (a strided subset of) target tokens [B, L, D]: per-dimension std across tokens
+    (near 0 = all tokens alike) and effective rank (exp entropy of the singular-value distribution)."""
+    x = tokens.reshape(-1, tokens.shape[-1]).astype(jnp.float32)
+    x = x[:: max(1, x.shape[0] // max_rows)]
+    return {"repr/std": jnp.mean(jnp.std(x, axis=0)), "repr/effective_rank": effective_rank(x)}

@@ -1,0 +1,258 @@
+"""V-JEPA 2 pretraining: one readable trainer file.
+
+    python -m jepa.train --config=configs/quickstart.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]
+
+Sections: setup -> mesh -> data -> model and state -> train step -> checkpoints -> loop.
+A workdir that already holds checkpoints resumes from the latest one (parameters, EMA, optimiser, step and
+the data iterator), so re-running the same command after a crash or preemption continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jepa import checkpoint as ckpt_lib
+from jepa import config as config_lib
+from jepa import metrics as metrics_lib
+from jepa import models, optim, sharding
+from jepa.data import pipeline
+from jepa.objectives.vjepa import VJEPA
+
+PREEMPTED_EXIT_CODE = 42  # SIGTERM: checkpoint saved, run can be resumed with the same command
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    losses: list[float]       # the loss of every step this invocation ran
+    final_step: int
+    workdir: str
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup_runtime(config) -> None:
+    """Persistent compilation cache (a second run skips compiling) and multi-process CPU collectives."""
+    if config.train.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def data_keys(config) -> list[str]:
+    """The batch fields the train step consumes (everything else stays on the host)."""
+    keys = ["video"]
+    for name in config.mask.types:
+        keys += [f"{name}/context_idx", f"{name}/target_idx"]
+    return keys
+
+
+def train(config, workdir: str) -> TrainResult:
+    config_lib.validate(config)
+    setup_runtime(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ------------------------------------------------------------ mesh
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].device_kind, jax.process_count())
+
+    # ------------------------------------------------------------ data
+    pipeline.check_sources(config)
+    dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), train=True)
+    data_iter = iter(dataset)
+    keys = data_keys(config)
+
+    # ------------------------------------------------------------ model and state
+    enc = config.model.encoder
+    grid = models.token_grid(config.data.num_frames, config.data.resolution, enc.patch_size, enc.tubelet_size)
+    objective = VJEPA.from_config(config, grid)
+    total_steps = config.train.total_steps
+    tx = optim.make_optimizer(config.optim, total_steps)
+    lr_fn = optim.lr_schedule(config.optim, total_steps)
+    ema_fn = optim.ema_momentum_schedule(config.optim, total_steps)
+
+    def init_state(rng):
+        params = objective.init(rng, config, grid)
+        return {"params": params, "ema": params["encoder"], "opt": tx.init(params),
+                "step": jnp.zeros((), jnp.int32)}
+
+    init_rng = jax.random.PRNGKey(config.seed)
+    abstract_state = jax.eval_shape(init_state, init_rng)
+    state_shardings = sharding.state_shardings(abstract_state, mesh)
+    abstract_state = ckpt_lib.abstract_like(abstract_state, state_shardings)
+    num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
+    logging.info("parameters: encoder %.2fM, predictor %.2fM", num_params["encoder"] / 1e6,
+                 num_params["predictor"] / 1e6)
+
+    # ------------------------------------------------------------ train step
+    num_micro = config.optim.grad_accum_steps
+
+    def train_step(state, batch):
+        def loss_and_grad(params, micro_batch, rng):
+            del rng  # the objective is deterministic given the batch (masks come from the data pipeline)
+            return jax.value_and_grad(objective.loss, has_aux=True)(params, state["ema"], micro_batch)
+
+        (loss, aux), grads = optim.accumulate_gradients(loss_and_grad, state["params"], batch, num_micro,
+                                                         jax.random.PRNGKey(0))
+        updates, opt_state = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        momentum = ema_fn(state["step"])
+        ema = optim.ema_update(state["ema"], params["encoder"], momentum)
+        metrics = {"loss": loss, **aux, "lr": lr_fn(state["step"]), "ema_momentum": momentum,
+                   "grad_norm": optax.global_norm(grads)}
+        new_state = {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
+    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+    # ------------------------------------------------------------ checkpoints: resume, init_from, or fresh
+    checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.train.checkpoint_every,
+                                         keep=config.train.keep_checkpoints)
+    last_good = checkpointer.latest_step()
+    if last_good is not None:
+        state = checkpointer.restore(last_good, abstract_state, data_iter)
+        logging.info("resumed from %s at step %d", checkpointer.directory, last_good)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        if config.train.init_from:
+            other, other_step = ckpt_lib.load_state(config.train.init_from, abstract_state)
+            state = {**state, "params": other["params"], "ema": other["ema"]}
+            logging.info("initialised weights from %s (step %d)", config.train.init_from, other_step)
+
+    # ------------------------------------------------------------ loop
+    start_step = int(jax.device_get(state["step"]))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    timer = metrics_lib.StepTimer()
+    width = models.resolved_dims(config.model)["encoder"]["width"]
+    monitor = metrics_lib.CollapseMonitor(min_rank=config.train.collapse_warn_rank * width)
+    step_flops = training_flops(config, grid)
+    peak = metrics_lib.device_peak_flops(jax.devices()[0], jnp.dtype(config.model.dtype),
+                                         override=config.train.peak_flops)
+    progress = metrics_lib.ProgressLine(total_steps, clips_per_step=config.train.global_batch_size,
+                                        flops_per_step=step_flops, peak_flops_per_device=peak,
+                                        num_devices=jax.device_count(), timer=timer)
+    logging.info("analytic model FLOPs per step %.4g; peak per device %.4g FLOP/s", step_flops, peak)
+
+    preempted = {"flag": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+
+    end_step = min(total_steps, config.train.stop_at or total_steps)
+    losses: list[float] = []
+    pending = None  # (step, metrics on device, host info) of the step before: checked one step late
+    skipped_total = 0
+    compiled_cache_size = None
+
+    def finish_step(entry):
+        step, metrics, host = entry
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        loss = metrics["loss"]
+        if not math.isfinite(loss):
+            where = (f"step {last_good} in {checkpointer.directory}" if last_good is not None
+                     else "none (no checkpoint was saved yet)")
+            raise NonFiniteLossError(f"loss is {loss} at step {step}; last good checkpoint: {where}")
+        losses.append(loss)
+        monitor.update(step, effective_rank=metrics["repr/effective_rank"], std=metrics["repr/std"])
+        if step % config.train.log_every == 0 or step == end_step:
+            metrics.update(host, **progress.stats())
+            writer.write(step, metrics)
+            logging.info(progress.line(step, metrics))
+
+    step = start_step
+    loop_start = time.perf_counter()
+    try:
+        while step < end_step:
+            with timer.waiting():
+                local = next(data_iter)
+            skipped_total += int(np.sum(local.get("skipped", 0)))
+            batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            cache_size = train_step._cache_size()
+            if compiled_cache_size is None:
+                compiled_cache_size = cache_size
+            elif cache_size != compiled_cache_size:
+                logging.warning("train step recompiled at step %d (%d compiled versions): input shapes or "
+                                "dtypes changed", step, cache_size)
+                compiled_cache_size = cache_size
+            if pending is not None:
+                finish_step(pending)
+            pending = (step, metrics, {"data/skipped_total": skipped_total})
+            timer.step()
+            if step == start_step + 1:
+                timer.reset()  # the first step includes compilation
+                logging.info("first step (compile + run) took %.1f s", time.perf_counter() - loop_start)
+            if step % config.train.checkpoint_every == 0 or step == end_step or preempted["flag"]:
+                finish_step(pending)  # never checkpoint a state whose loss is not finite
+                pending = None
+                checkpointer.save(step, state, data_iter, force=True)
+                last_good = step
+            if preempted["flag"]:
+                checkpointer.close()
+                logging.warning("SIGTERM: saved step %d to %s; exiting with code %d", step,
+                                checkpointer.directory, PREEMPTED_EXIT_CODE)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+        if pending is not None:
+            finish_step(pending)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        checkpointer.close()
+        writer.close()
+        close = getattr(data_iter, "close", None)
+        if close is not None:
+            close()
+    if skipped_total:
+        logging.warning("%d unreadable clips were skipped during this run (see warnings above)", skipped_total)
+    return TrainResult(losses=losses, final_step=step, workdir=workdir)
+
+
+def training_flops(config, grid) -> float:
+    """Analytic model FLOPs of one train step over the global batch (see jepa/metrics.py)."""
+    dims = models.resolved_dims(config.model)
+    encoder = dict(dims["encoder"], patch_size=config.model.encoder.patch_size,
+                   tubelet_size=config.model.encoder.tubelet_size)
+    return metrics_lib.vjepa_step_flops(int(np.prod(grid)), pipeline.mask_lengths(config), encoder,
+                                        dims["predictor"], config.train.global_batch_size)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv) -> None:
+    del argv
+    from absl import flags
+    config = flags.FLAGS.config
+    result = train(config, flags.FLAGS.workdir)
+    print(json.dumps({"final_step": result.final_step, "final_loss": result.losses[-1] if result.losses else None}))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

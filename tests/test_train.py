@@ -1,0 +1,175 @@
+"""Behaviour tests of the trainer: the real CLI and the real train() on the tiny quick-start config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from jepa import checkpoint as ckpt_lib
+from jepa import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
+
+
+def load_config(arg="tiny"):
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    try:
+        import quickstart
+    finally:
+        sys.path.pop(0)
+    return quickstart.get_config(arg)
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory):
+    """The tiny world dataset, generated once for the whole session."""
+    from jepa.data import world
+    data_dir = str(tmp_path_factory.mktemp("world"))
+    world.prepare_world(data_dir, preset="tiny")
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+@pytest.fixture
+def tiny_config(world_dir, jax_cache):
+    c = load_config("tiny")
+    c.data.sources.world.data_dir = world_dir
+    c.train.compilation_cache = jax_cache
+    return c
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "jepa.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_end_to_end(tmp_path, world_dir, jax_cache):
+    workdir = tmp_path / "run"
+    proc = run_cli(f"--config={QUICKSTART}:tiny", f"--workdir={workdir}",
+                   f"--config.data.sources.world.data_dir={world_dir}",
+                   f"--config.train.compilation_cache={jax_cache}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["final_step"] == 6
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "loss/short", "loss/long", "lr", "ema_momentum", "repr/effective_rank", "perf/mfu",
+                "perf/clips_per_s", "data/skipped_total"):
+        assert key in records[-1], key
+    assert any(name.startswith("events") for _, _, files in os.walk(workdir / "tensorboard") for name in files)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
+    assert "step 6/6" in proc.stderr  # the progress line
+
+
+def test_misspelt_override_fails_before_any_work(tmp_path):
+    start = time.time()
+    proc = run_cli(f"--config={QUICKSTART}:tiny", f"--workdir={tmp_path / 'run'}", "--config.train.totl_steps=3",
+                   timeout=120)
+    assert proc.returncode != 0
+    assert "totl_steps" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    assert time.time() - start < 60
+
+
+def test_inconsistent_value_fails_with_the_field_named(tmp_path):
+    proc = run_cli(f"--config={QUICKSTART}:tiny", f"--workdir={tmp_path / 'run'}", "--config.data.resolution=60",
+                   timeout=120)
+    assert proc.returncode != 0
+    assert "config.data.resolution" in proc.stderr
+
+
+def test_same_seed_same_losses(tmp_path, tiny_config):
+    a = train_lib.train(tiny_config, str(tmp_path / "a"))
+    b = train_lib.train(tiny_config, str(tmp_path / "b"))
+    assert len(a.losses) == 6
+    assert a.losses == b.losses
+    tiny_config.seed = 1
+    c = train_lib.train(tiny_config, str(tmp_path / "c"))
+    assert c.losses != a.losses
+
+
+def params_of(workdir, config):
+    state, step = ckpt_lib.load_state(workdir, abstract_state_for(config))
+    return jax.tree.map(np.asarray, state), step
+
+
+def abstract_state_for(config):
+    """The abstract train state the trainer builds, rebuilt the same way for loading."""
+    from jepa import models, optim
+    from jepa.objectives.vjepa import VJEPA
+    enc = config.model.encoder
+    grid = models.token_grid(config.data.num_frames, config.data.resolution, enc.patch_size, enc.tubelet_size)
+    objective = VJEPA.from_config(config, grid)
+    tx = optim.make_optimizer(config.optim, config.train.total_steps)
+
+    def init_state(rng):
+        params = objective.init(rng, config, grid)
+        return {"params": params, "ema": params["encoder"], "opt": tx.init(params),
+                "step": jax.numpy.zeros((), jax.numpy.int32)}
+    return jax.eval_shape(init_state, jax.random.PRNGKey(0))
+
+
+def test_resume_continues_exactly(tmp_path, tiny_config):
+    tiny_config.train.total_steps = 8
+    tiny_config.train.checkpoint_every = 4
+    straight = train_lib.train(tiny_config, str(tmp_path / "straight"))
+
+    tiny_config.train.stop_at = 4
+    first = train_lib.train(tiny_config, str(tmp_path / "resumed"))
+    tiny_config.train.stop_at = 0
+    second = train_lib.train(tiny_config, str(tmp_path / "resumed"))
+    assert first.final_step == 4 and second.final_step == 8
+    assert first.losses + second.losses == straight.losses
+
+    a, step_a = params_of(str(tmp_path / "straight"), tiny_config)
+    b, step_b = params_of(str(tmp_path / "resumed"), tiny_config)
+    assert step_a == step_b == 8
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_init_from_copies_weights_and_restarts_the_step(tmp_path, tiny_config):
+    train_lib.train(tiny_config, str(tmp_path / "pre"))
+    pre, _ = params_of(str(tmp_path / "pre"), tiny_config)
+    tiny_config.train.init_from = str(tmp_path / "pre")
+    tiny_config.train.total_steps = 1
+    tiny_config.optim.lr = 0.0
+    tiny_config.optim.start_lr = 0.0
+    result = train_lib.train(tiny_config, str(tmp_path / "cool"))
+    assert result.final_step == 1
+    cool, step = params_of(str(tmp_path / "cool"), tiny_config)
+    assert step == 1
+    # lr 0 and weight decay scaled by lr: the weights are exactly those of the other run
+    jax.tree.map(np.testing.assert_array_equal, cool["params"], pre["params"])
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint_named(tmp_path, tiny_config):
+    tiny_config.optim.lr = 1e30
+    tiny_config.optim.start_lr = 1e30
+    tiny_config.train.total_steps = 40
+    tiny_config.train.checkpoint_every = 1
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+; last good checkpoint: (step \d+|none)"):
+        train_lib.train(tiny_config, str(tmp_path / "nan"))
+
+
+@pytest.mark.slow
+def test_loss_decreases_over_50_steps(tmp_path, tiny_config):
+    tiny_config.train.total_steps = 50
+    tiny_config.optim.lr = 1e-3
+    tiny_config.optim.warmup_steps = 5
+    tiny_config.optim.cooldown_steps = 5
+    tiny_config.train.checkpoint_every = 50
+    losses = train_lib.train(tiny_config, str(tmp_path / "run")).losses
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
