@@ -1,0 +1,444 @@
+"""Video and image decoding with PyAV (FFmpeg ships inside the `av` wheel: no system ffmpeg needed).
+
+Why this module exists: every data source (video folders, manifests, world episodes) ends in "give me frames
+i_0..i_{T-1} of this clip as uint8 RGB". Decoding is the most expensive part of the input pipeline, so clips are
+decoded by seeking to the keyframe before the first wanted frame and stopping at the last wanted frame, and frames
+are resized by FFmpeg's swscale while being converted to RGB (no extra full-resolution copy).
+
+Frame indices are presentation-order frame numbers. For constant frame rate streams they are computed from each
+frame's pts (``round((pts - start) * time_base * fps)``); for variable frame rate streams a demux-only pass (no
+decoding) collects the packet timestamps up to the last wanted frame, so index ``i`` is exactly the i-th frame in
+presentation order; streams without timestamps are decoded sequentially from the start.
+
+Every failure to read a file (corrupt, truncated, empty, not a video, unknown codec, unreadable) raises
+`DecodeError` naming the file and the reason, so callers can skip bad files with one ``except``.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+
+__all__ = ["DecodeError", "probe", "sample_frame_indices", "frame_step_for_fps", "decode_frames",
+           "read_record_clip", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif",
+                  ".3gp", ".ogv", ".ts", ".mts", ".m2ts")
+
+# Errors PyAV / the OS raise while reading media; anything in this set becomes a DecodeError.
+_READ_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError, IndexError, RuntimeError, ZeroDivisionError,
+                OverflowError, MemoryError, UnicodeError)
+
+# Frame-count margin for the demux-only timestamp scan (decoders may reorder a few frames: B-frames).
+_REORDER_MARGIN = 32
+
+
+class DecodeError(Exception):
+    """A media file could not be read; the message names the file and the reason."""
+
+
+# ----------------------------------------------------------------------------------------------- opening
+
+def _source_name(src: Any, name: str | None) -> str:
+    if name:
+        return name.decode() if isinstance(name, bytes) else str(name)
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    try:
+        return f"<{len(src)} bytes in memory>"
+    except TypeError:
+        return repr(src)
+
+
+def _as_input(src: Any, name: str):
+    """Returns what av.open accepts (a path or a BytesIO), raising DecodeError for missing/empty input."""
+    if isinstance(src, np.ndarray):
+        src = src.item() if src.ndim == 0 else src.tobytes()
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise DecodeError(f"{name}: empty data (0 bytes)")
+        return io.BytesIO(bytes(src))
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise DecodeError(f"{name}: cannot access file ({e.strerror or e})") from e
+        if size == 0:
+            raise DecodeError(f"{name}: empty file (0 bytes)")
+        if os.path.isdir(path):
+            raise DecodeError(f"{name}: is a directory, not a media file")
+        if not os.access(path, os.R_OK):
+            raise DecodeError(f"{name}: permission denied (file is not readable)")
+        return path
+    raise TypeError(f"expected a path or encoded bytes, got {type(src).__name__}")
+
+
+def _is_image_format(container) -> bool:
+    fmt = container.format.name
+    return fmt == "image2" or fmt.endswith("_pipe")
+
+
+class _Opened:
+    """Context manager: opens the container, picks the first video stream, always closes."""
+
+    def __init__(self, src, name):
+        self.src, self.name = src, name
+        self.container = None
+
+    def __enter__(self):
+        source = _as_input(self.src, self.name)
+        try:
+            self.container = av.open(source, mode="r", metadata_errors="ignore")
+        except _READ_ERRORS as e:
+            raise DecodeError(f"{self.name}: not a readable media file ({_reason(e)})") from e
+        streams = self.container.streams.video
+        if not streams:
+            self.container.close()
+            raise DecodeError(f"{self.name}: no video stream (container {self.container.format.name!r}; "
+                              "audio only, or truncated/damaged)")
+        stream = streams[0]
+        codec = stream.codec_context
+        if codec is None or getattr(codec, "name", "none") in ("none", None):
+            self.container.close()
+            raise DecodeError(f"{self.name}: unsupported codec (FFmpeg has no decoder for the video stream)")
+        return self.container, stream, _is_image_format(self.container)
+
+    def __exit__(self, *exc):
+        if self.container is not None:
+            try:
+                self.container.close()
+            except _READ_ERRORS:
+                pass
+        return False
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _fps(stream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0:
+            return float(rate)
+    return float("nan")
+
+
+def _is_vfr(stream) -> bool:
+    """True when the average rate and the base (r_frame_rate) rate disagree: timestamps are not a regular grid."""
+    avg, base = stream.average_rate, stream.base_rate
+    if not avg or not base or avg <= 0 or base <= 0:
+        return True
+    return abs(float(avg) - float(base)) > 0.01 * float(base)
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+def _target_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """(height, width) with the short side equal to `short_side`, aspect kept (None: unchanged)."""
+    if not short_side:
+        return height, width
+    if height <= width:
+        return int(short_side), max(1, int(round(width * short_side / height)))
+    return max(1, int(round(height * short_side / width))), int(short_side)
+
+
+def _to_rgb(frame, short_side: int | None) -> np.ndarray:
+    h, w = _target_size(frame.height, frame.width, short_side)
+    if (h, w) == (frame.height, frame.width):
+        return frame.to_ndarray(format="rgb24")
+    return frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR").to_ndarray()
+
+
+def _resize_array(clip: np.ndarray, short_side: int | None) -> np.ndarray:
+    """Resizes a uint8 [T,H,W,3] array with swscale (same filter as decoding) so the short side is `short_side`."""
+    t, h, w = clip.shape[:3]
+    nh, nw = _target_size(h, w, short_side)
+    if (nh, nw) == (h, w):
+        return clip
+    out = np.empty((t, nh, nw, 3), np.uint8)
+    for i in range(t):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(clip[i]), format="rgb24")
+        out[i] = frame.reformat(width=nw, height=nh, interpolation="BILINEAR").to_ndarray()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- probe
+
+def probe(path_or_bytes, *, name: str | None = None) -> dict:
+    """Metadata of a video or image: num_frames, fps, duration (s), height, width, is_image.
+
+    Decodes the first frame (proves the codec works). When the container does not store a frame count (webm/mkv),
+    frames are counted with a demux-only pass (reads packets, decodes nothing). Images: num_frames 1, fps 0.
+    """
+    name = _source_name(path_or_bytes, name)
+    try:
+        with _Opened(path_or_bytes, name) as (container, stream, is_image):
+            stream.thread_type = "AUTO"
+            known = stream.frames if stream.frames and stream.frames > 0 else 0
+            first = None
+            count = 0
+            for packet in container.demux(stream):
+                if packet.size == 0:      # flush packet at end of stream
+                    continue
+                count += 1
+                if first is None:
+                    for frame in packet.decode():
+                        first = frame
+                        break
+                if first is not None and (known or is_image):
+                    break
+            if first is None:             # decoders with delay: drain
+                for frame in stream.decode(None):
+                    first = frame
+                    break
+            if first is None:
+                raise DecodeError(f"{name}: no decodable video frames")
+            if is_image:
+                return dict(num_frames=1, fps=0.0, duration=0.0, height=first.height, width=first.width,
+                            is_image=True)
+            num_frames = known or count
+            fps = _fps(stream)
+            if stream.duration and stream.time_base:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration:
+                duration = container.duration / av.time_base
+            elif fps > 0:
+                duration = num_frames / fps
+            else:
+                duration = float("nan")
+            if (not known and duration > 0) or not math.isfinite(fps) or fps <= 0:
+                # counted frames (mkv/webm): nominal rates there may not describe variable-rate streams
+                fps = num_frames / duration if duration > 0 else 0.0
+            return dict(num_frames=int(num_frames), fps=float(fps), duration=float(duration),
+                        height=int(first.height), width=int(first.width), is_image=False)
+    except DecodeError:
+        raise
+    except _READ_ERRORS as e:
+        raise DecodeError(f"{name}: failed to decode ({_reason(e)})") from e
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+def frame_step_for_fps(video_fps: float, target_fps: float) -> int:
+    """Frame step that brings `video_fps` to about `target_fps`: max(1, round(video_fps / target_fps)).
+
+    Unknown video fps (<= 0 or NaN, e.g. images or unprobed records) gives 1.
+    """
+    if not target_fps or target_fps <= 0 or not math.isfinite(target_fps):
+        raise ValueError(f"target_fps must be a positive number, got {target_fps!r}")
+    if video_fps is None or not math.isfinite(video_fps) or video_fps <= 0:
+        return 1
+    return max(1, int(round(video_fps / target_fps)))
+
+
+def sample_frame_indices(total_frames: int, num_frames: int, frame_step: int, rng: np.random.Generator | None,
+                         mode: str = "random", num_segments: int = 1, segment: int = 0) -> np.ndarray:
+    """Indices of one clip: `num_frames` frames `frame_step` apart inside a window of num_frames*frame_step frames.
+
+    mode "random": window start uniform over the video (over partition `segment` of `num_segments` equal
+    partitions when that partition holds a whole window); "center": the centred window; "uniform": window
+    `segment` of `num_segments` windows spread evenly over the video (centred in its partition when partitions
+    hold a window, else spread from the first to the last possible start). Indices past the end are clamped to
+    the last frame, so short videos repeat their last frame.
+    """
+    total_frames, num_frames, frame_step = int(total_frames), int(num_frames), int(frame_step)
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if num_frames < 1 or frame_step < 1:
+        raise ValueError(f"num_frames and frame_step must be >= 1, got {num_frames}, {frame_step}")
+    if mode not in ("random", "center", "uniform"):
+        raise ValueError(f"mode must be 'random', 'center' or 'uniform', got {mode!r}")
+    if num_segments < 1 or not 0 <= segment < num_segments:
+        raise ValueError(f"need 0 <= segment < num_segments, got segment={segment}, num_segments={num_segments}")
+    window = num_frames * frame_step
+    max_start = max(0, total_frames - window)
+    part = total_frames / num_segments
+    if mode == "random":
+        if rng is None:
+            raise ValueError("mode='random' needs an rng (np.random.Generator)")
+        if num_segments > 1 and part >= window:
+            lo = int(math.ceil(segment * part))
+            hi = int(math.floor((segment + 1) * part)) - window
+            start = int(rng.integers(lo, max(lo, hi) + 1))
+        else:
+            start = int(rng.integers(0, max_start + 1))
+    elif mode == "center":
+        start = max_start // 2
+    else:
+        if part >= window:
+            start = int(segment * part + (part - window) / 2)
+        elif num_segments > 1:
+            start = int(round(segment * max_start / (num_segments - 1)))
+        else:
+            start = max_start // 2
+    start = min(max(start, 0), max_start)
+    idx = start + np.arange(num_frames, dtype=np.int64) * frame_step
+    return np.minimum(idx, total_frames - 1)
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+class _Retry(Exception):
+    """The fast index mapping did not fit this stream; decode again with the next, more careful strategy."""
+
+
+def _scan_pts(container, stream, upto: int):
+    """Sorted presentation timestamps of the first `upto + margin` frames (demux only); None if pts are missing."""
+    pts = []
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        if packet.pts is None:
+            return None
+        pts.append(packet.pts)
+        if len(pts) > upto + _REORDER_MARGIN:
+            break
+    return np.sort(np.asarray(pts, np.int64))
+
+
+def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: str) -> dict:
+    """Decodes the frames at the sorted unique indices `wanted`; returns {index: rgb array}.
+
+    strategy "grid": seek, index = position of pts on the nominal constant-rate grid (raises _Retry when a pts is
+    off the grid: variable frame rate); "table": demux-only pts scan, seek, index = rank of pts (frame order);
+    "sequential": decode from the start counting frames (no timestamps needed).
+    """
+    first, last = int(wanted[0]), int(wanted[-1])
+    tb = stream.time_base
+    start = stream.start_time or 0
+    index_of = None   # pts -> frame index, when we seek
+    if first > 0 and tb and strategy == "grid":
+        rate = Fraction(stream.average_rate)
+        target = start + int(Fraction(first) / rate / tb)
+
+        def index_of(pts):
+            exact = (pts - start) * tb * rate
+            i = round(exact)
+            if abs(exact - i) > 0.25:
+                raise _Retry("table")
+            return int(i)
+    elif first > 0 and tb and strategy == "table":
+        table = _scan_pts(container, stream, last)
+        if table is None or not len(table):
+            raise _Retry("sequential")
+        target = int(table[min(first, len(table) - 1)])
+        index_of = lambda pts: int(np.searchsorted(table, pts, side="left"))  # noqa: E731
+    if index_of is not None:
+        container.seek(int(target), stream=stream, backward=True, any_frame=False)
+    out: dict[int, np.ndarray] = {}
+    cache: dict[int, np.ndarray] = {}
+
+    def rgb(frame, key):
+        if key not in cache:
+            cache.clear()
+            cache[key] = _to_rgb(frame, short_side)
+        return cache[key]
+
+    wi, counter = 0, 0
+    prev, prev_key = None, None
+    for frame in container.decode(stream):
+        if index_of is not None:
+            if frame.pts is None:
+                raise _Retry("sequential")
+            i = index_of(frame.pts)
+            if prev is None and i > first:   # the seek landed after the first wanted frame
+                raise _Retry("sequential")
+        else:
+            i = counter
+        counter += 1
+        if i < wanted[wi]:
+            prev, prev_key = frame, counter
+            continue
+        while wi < len(wanted) and wanted[wi] < i:   # a gap in the timestamps: the frame on screen then
+            out[int(wanted[wi])] = rgb(prev, prev_key) if prev is not None else rgb(frame, counter)
+            wi += 1
+        if wi < len(wanted) and wanted[wi] == i:
+            out[i] = rgb(frame, counter)
+            wi += 1
+        prev, prev_key = frame, counter
+        if wi == len(wanted):
+            break
+    if prev is not None and wi < len(wanted):        # past the end: repeat the last frame
+        last_rgb = rgb(prev, prev_key)
+        for j in wanted[wi:]:
+            out[int(j)] = last_rgb
+    return out
+
+
+def decode_frames(path_or_bytes, indices, short_side: int | None = None, *, name: str | None = None,
+                  threads: int = 0) -> np.ndarray:
+    """uint8 [len(indices), H, W, 3] RGB frames at `indices` (presentation-order frame numbers, any order/repeats).
+
+    Seeks to the keyframe before the first wanted frame and decodes only up to the last one. With `short_side`
+    the frames are resized while converting so min(H, W) == short_side (aspect kept). Indices past the end repeat
+    the last frame; images repeat their single frame. `threads`: decoder threads (0 = FFmpeg's choice).
+    Raises DecodeError naming the file for anything unreadable.
+    """
+    name = _source_name(path_or_bytes, name)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0:
+        raise ValueError(f"{name}: indices must not be empty")
+    if (idx < 0).any():
+        raise ValueError(f"{name}: indices must be >= 0, got {idx.min()}")
+    if short_side is not None and int(short_side) < 1:
+        raise ValueError(f"short_side must be >= 1 or None, got {short_side}")
+    wanted = np.unique(idx)
+    strategy = None
+    try:
+        while True:
+            with _Opened(path_or_bytes, name) as (container, stream, is_image):
+                stream.thread_type = "AUTO"
+                if threads:
+                    stream.codec_context.thread_count = int(threads)
+                if is_image:
+                    for frame in container.decode(stream):
+                        one = _to_rgb(frame, short_side)
+                        return np.broadcast_to(one, (idx.size,) + one.shape).copy()
+                    raise DecodeError(f"{name}: image has no decodable frame")
+                if strategy is None:
+                    strategy = "table" if _is_vfr(stream) else "grid"
+                try:
+                    got = _decode_wanted(container, stream, wanted, short_side, strategy)
+                except _Retry as retry:
+                    if strategy == "sequential":
+                        raise DecodeError(f"{name}: inconsistent frame timestamps") from None
+                    strategy = retry.args[0]
+                    continue
+                if not got:
+                    raise DecodeError(f"{name}: no decodable video frames")
+                return np.stack([got[int(i)] for i in idx])
+    except DecodeError:
+        raise
+    except _READ_ERRORS as e:
+        raise DecodeError(f"{name}: failed to decode ({_reason(e)})") from e
+
+
+def read_record_clip(record: dict, indices, short_side: int | None = None) -> np.ndarray:
+    """uint8 [T,H,W,3] clip of a data-source record: world episode ("frames" array), video bytes, or "path"."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if "frames" in record:
+        frames = np.asarray(record["frames"])
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+            raise ValueError(f"record 'frames' must be uint8 [T,H,W,3] with T >= 1, got shape {frames.shape}")
+        if (idx < 0).any():
+            raise ValueError(f"indices must be >= 0, got {idx.min()}")
+        clip = frames[np.minimum(idx, frames.shape[0] - 1)]
+        return _resize_array(clip.astype(np.uint8, copy=False), short_side)
+    path = record.get("path")
+    if isinstance(path, (bytes, np.bytes_)):
+        path = bytes(path).decode("utf-8", errors="replace")
+    video = record.get("video")
+    if isinstance(video, np.ndarray):
+        video = video.item() if video.ndim == 0 else video.tobytes()
+    if video is not None and len(video) > 0:
+        return decode_frames(video, idx, short_side, name=path or None)
+    if path:
+        return decode_frames(path, idx, short_side)
+    raise ValueError(f"record has no 'frames', no 'video' bytes and no 'path' (keys: {sorted(record)})")

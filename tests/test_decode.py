@@ -1,0 +1,202 @@
+"""Decoding with real media written by PyAV: frame-exact seeking per codec, resizing, images, VFR, bad files."""
+import os
+
+import numpy as np
+import pytest
+
+from jepa.data import decode as D
+import media
+
+N = 60             # frames per test video; gop 8 so that seeking actually skips keyframes
+H, W = 61, 97      # odd sizes on purpose
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return media.index_frames(N, H, W)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory, frames):
+    d = tmp_path_factory.mktemp("videos")
+    out = {}
+    for codec, ext in [("h264", "mp4"), ("mpeg4", "mp4"), ("vp9", "webm"), ("mjpeg", "avi"), ("h264", "mov"),
+                       ("hevc", "mkv"), ("av1", "mkv")]:
+        out[f"{codec}.{ext}"] = media.write_video(d / f"v_{codec}.{ext}", frames, codec=codec, gop=8)
+    return out
+
+
+@pytest.mark.parametrize("key", ["h264.mp4", "mpeg4.mp4", "vp9.webm", "mjpeg.avi", "h264.mov", "hevc.mkv", "av1.mkv"])
+def test_decode_picks_exact_frames_every_codec(videos, frames, key):
+    path = videos[key]
+    idx = np.array([33, 0, 13, 14, 30, 59, 41, 41])   # unsorted, repeated, crossing keyframes
+    clip = D.decode_frames(path, idx)
+    assert clip.dtype == np.uint8 and clip.shape == (len(idx), H, W, 3)
+    assert [media.read_index(f) for f in clip] == idx.tolist()
+    # pixel values agree with what was encoded, within codec tolerance
+    assert np.abs(clip.astype(int) - frames[idx]).mean() < 4
+
+
+@pytest.mark.parametrize("key", ["h264.mp4", "vp9.webm"])
+def test_bytes_and_path_agree_and_resize_short_side(videos, key):
+    path = videos[key]
+    idx = np.array([5, 9, 50])
+    from_path = D.decode_frames(path, idx, short_side=32)
+    with open(path, "rb") as f:
+        from_bytes = D.decode_frames(f.read(), idx, short_side=32)
+    np.testing.assert_array_equal(from_path, from_bytes)
+    assert from_path.shape == (3, 32, round(W * 32 / H), 3)
+    assert [media.read_index(f) for f in from_path] == idx.tolist()
+
+
+def test_resize_portrait_keeps_aspect(tmp_path):
+    path = media.write_video(tmp_path / "tall.mp4", media.index_frames(6, 80, 40), codec="mpeg4")
+    clip = D.decode_frames(path, [1, 2], short_side=20)
+    assert clip.shape == (2, 40, 20, 3)
+
+
+def test_short_video_repeats_last_frame(tmp_path):
+    for n in (1, 2, 3):
+        path = media.write_video(tmp_path / f"short{n}.mp4", media.index_frames(n, 32, 48), codec="h264")
+        assert D.probe(path)["num_frames"] == n
+        idx = D.sample_frame_indices(n, 8, 2, np.random.default_rng(0))
+        clip = D.decode_frames(path, np.arange(8) * 2)   # all past the end except the first ones
+        assert [media.read_index(f) for f in clip] == [min(i, n - 1) for i in np.arange(8) * 2]
+        assert idx.max() == n - 1
+
+
+@pytest.mark.parametrize("ext,codec", [("mp4", "h264"), ("webm", "vp9"), ("mkv", "mpeg4")])
+def test_variable_frame_rate_indexes_by_frame_order(tmp_path, frames, ext, codec):
+    gaps = np.random.default_rng(0).choice([0.02, 0.05, 0.1], N - 1)
+    times = np.concatenate([[0.0], np.cumsum(gaps)])
+    path = media.write_video(tmp_path / f"vfr.{ext}", frames, codec=codec, gop=8, times=times)
+    info = D.probe(path)
+    assert info["num_frames"] == N
+    assert info["duration"] == pytest.approx(times[-1], abs=0.15)
+    idx = np.array([5, 17, 40, 41, 59, 70])
+    assert [media.read_index(f) for f in D.decode_frames(path, idx)] == [5, 17, 40, 41, 59, 59]
+
+
+@pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp"])
+def test_images_are_clips_of_one_frame(tmp_path, frames, ext):
+    path = media.write_image(tmp_path / f"img{ext}", frames[37])
+    info = D.probe(path)
+    assert info["is_image"] and info["num_frames"] == 1 and (info["height"], info["width"]) == (H, W)
+    clip = D.decode_frames(path, [0, 4, 9, 100])
+    assert clip.shape == (4, H, W, 3)
+    assert all(media.read_index(f) == 37 for f in clip)
+    assert np.abs(clip[0].astype(int) - frames[37]).mean() < 3
+    assert D.decode_frames(path, [0], short_side=30).shape == (1, 30, round(W * 30 / H), 3)
+
+
+def test_probe_metadata(videos):
+    info = D.probe(videos["h264.mp4"])
+    assert info == {"num_frames": N, "fps": 25.0, "duration": pytest.approx(N / 25), "height": H, "width": W,
+                    "is_image": False}
+    webm = D.probe(videos["vp9.webm"])       # no frame count in the container: counted by demuxing
+    assert webm["num_frames"] == N and webm["fps"] == pytest.approx(25.0)
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    return media.make_corrupt_files(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "zero_byte", "non_video", "unsupported_codec",
+                                  "audio_only", "unreadable"])
+def test_bad_files_raise_decode_error_naming_file(bad_files, kind):
+    path = bad_files[kind]
+    if kind == "unreadable" and not media.permission_blocks_reading(path):
+        pytest.skip("running as root: chmod 000 does not prevent reading")
+    for call in (lambda: D.probe(path), lambda: D.decode_frames(path, [0, 3]),
+                 lambda: D.read_record_clip({"path": path, "video": b""}, [0])):
+        with pytest.raises(D.DecodeError) as e:
+            call()
+        assert os.path.basename(path) in str(e.value)
+    if kind != "unreadable":
+        with open(path, "rb") as f:
+            data = f.read()
+        with pytest.raises(D.DecodeError, match=os.path.basename(path)):
+            D.read_record_clip({"path": path, "video": data}, [0])
+
+
+def test_missing_file_and_bad_arguments(tmp_path, videos):
+    with pytest.raises(D.DecodeError, match="nope.mp4"):
+        D.decode_frames(str(tmp_path / "nope.mp4"), [0])
+    with pytest.raises(D.DecodeError, match="empty"):
+        D.probe(b"")
+    with pytest.raises(ValueError, match="indices"):
+        D.decode_frames(videos["h264.mp4"], [-1])
+    with pytest.raises(ValueError, match="indices"):
+        D.decode_frames(videos["h264.mp4"], [])
+
+
+def test_read_record_clip_dispatch(videos, frames):
+    episode = {"frames": frames[:10], "actions": np.zeros((10, 6), np.float32)}
+    clip = D.read_record_clip(episode, [2, 4, 20])
+    np.testing.assert_array_equal(clip, frames[[2, 4, 9]])
+    small = D.read_record_clip(episode, [1], short_side=30)
+    assert small.shape == (1, 30, round(W * 30 / H), 3) and media.read_index(small[0]) == 1
+    with open(videos["mpeg4.mp4"], "rb") as f:
+        data = f.read()
+    by_bytes = D.read_record_clip({"video": data, "path": b"x.mp4"}, [7, 8])
+    by_path = D.read_record_clip({"video": b"", "path": videos["mpeg4.mp4"]}, [7, 8])
+    np.testing.assert_array_equal(by_bytes, by_path)
+    assert [media.read_index(f) for f in by_path] == [7, 8]
+    with pytest.raises(ValueError, match="no 'frames'"):
+        D.read_record_clip({"video": b"", "path": ""}, [0])
+
+
+# ------------------------------------------------------------------------------------------- index sampling
+
+def test_random_window_within_bounds_and_evenly_spaced():
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(300):
+        idx = D.sample_frame_indices(100, 8, 4, rng)
+        assert idx.dtype == np.int64 and idx.shape == (8,)
+        assert idx.min() >= 0 and idx.max() <= 99 and (np.diff(idx) == 4).all()
+        assert idx[0] + 8 * 4 <= 100          # the whole window fits
+        starts.add(int(idx[0]))
+    assert min(starts) == 0 and max(starts) == 100 - 32 and len(starts) > 40   # spread over all starts
+
+
+def test_sampling_deterministic_for_a_seed():
+    a = [D.sample_frame_indices(500, 16, 2, np.random.default_rng(7)) for _ in range(2)]
+    np.testing.assert_array_equal(a[0], a[1])
+    b = D.sample_frame_indices(500, 16, 2, np.random.default_rng(8))
+    assert not np.array_equal(a[0], b)
+
+
+def test_center_uniform_and_segments():
+    np.testing.assert_array_equal(D.sample_frame_indices(100, 4, 5, None, mode="center"), [40, 45, 50, 55])
+    segs = [D.sample_frame_indices(120, 4, 2, None, mode="uniform", num_segments=3, segment=k) for k in range(3)]
+    assert [s[0] for s in segs] == [16, 56, 96]       # centred in partitions [0,40), [40,80), [80,120)
+    assert all(s.max() < 120 and (np.diff(s) == 2).all() for s in segs)
+    over = [D.sample_frame_indices(40, 4, 5, None, mode="uniform", num_segments=3, segment=k) for k in range(3)]
+    assert [o[0] for o in over] == [0, 10, 20]         # partitions shorter than a window: spread first..last
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        r = D.sample_frame_indices(120, 4, 2, rng, mode="random", num_segments=3, segment=1)
+        assert 40 <= r[0] and r[0] + 8 <= 80
+
+
+def test_short_video_indices_clamped():
+    idx = D.sample_frame_indices(5, 4, 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(idx, [0, 3, 4, 4])
+    np.testing.assert_array_equal(D.sample_frame_indices(1, 3, 2, None, mode="center"), [0, 0, 0])
+
+
+def test_sampling_and_fps_argument_errors():
+    with pytest.raises(ValueError, match="rng"):
+        D.sample_frame_indices(10, 2, 2, None)
+    with pytest.raises(ValueError, match="mode"):
+        D.sample_frame_indices(10, 2, 2, None, mode="middle")
+    with pytest.raises(ValueError, match="segment"):
+        D.sample_frame_indices(10, 2, 2, None, mode="uniform", num_segments=2, segment=2)
+    with pytest.raises(ValueError, match="total_frames"):
+        D.sample_frame_indices(0, 2, 2, None, mode="center")
+    assert D.frame_step_for_fps(30, 4) == 8 and D.frame_step_for_fps(25, 30) == 1
+    assert D.frame_step_for_fps(60, 8) == 8 and D.frame_step_for_fps(0.0, 4) == 1
+    with pytest.raises(ValueError, match="target_fps"):
+        D.frame_step_for_fps(30, 0)
