@@ -1,0 +1,511 @@
+"""The embedded real-physics "world" dataset: DeepMind Control Suite episodes rendered by MuJoCo on the CPU.
+
+Why: the quick start and the world-model (action-conditioned) experiments need real video with actions and physics
+states, generated locally in minutes with no download. Episodes are cached once as a TFDS ArrayRecord dataset
+("jepa_world", builder `World`) and read back as a random-access data source (len / getitem).
+
+Episode semantics (one record per episode, format in the team spec "World episode record"):
+  - frame t is rendered from the physics at control step t; frame 0 is the reset state (dm_control's own randomised
+    initial state for the task, seeded by the episode seed).
+  - actions[t] is the action applied AFTER frame t: applying it (held for the domain's `action_repeat` dm_control
+    control steps) takes the physics from states[t] to states[t+1], which renders as frames[t+1]. The last frame's
+    action is the action the policy draws next (never applied), so an episode of T frames is an exact prefix of the
+    same episode with more frames.
+  - states[t] = concat(qpos, qvel) at frame t, zero-padded to S_MAX; rewards[t] = the task reward of the physics at
+    frame t (what dm_control's step returns on arriving there; not summed over the action repeat).
+  - the per-episode policy is chosen from the episode seed: uniform-random actions (i.i.d. per frame) or temporally
+    smooth Ornstein-Uhlenbeck noise with random stiffness/scale, always inside the action-spec bounds.
+  - the record's "seed" alone determines the episode (initial state and actions): `generate_episode(domain, seed,
+    frames, resolution)` reproduces it, and `make_env(domain, seed).reset()` reproduces its first state.
+
+Determinism: episode i of a config uses seed `episode_seed(seed, i)` and domain `domains[i % len(domains)]`
+(round-robin); the same config gives byte-identical frames whatever the number of workers.
+
+Generation runs in `spawn`ed worker processes (EGL contexts are created inside each): scripts that call
+prepare_world with num_workers > 1 need an `if __name__ == "__main__":` guard. Prepare on one process before several
+processes read the same data_dir (two concurrent preparations of one config race on the final rename).
+
+Splits by episode, in episode order: "train" (first ~80%), "validation" (next ~10%), "test" (last ~10%); with
+round-robin domains each block of len(domains) consecutive episodes holds every domain once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import sys
+from typing import Iterator, Sequence
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # before any dm_control import (they are lazy, inside functions)
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+A_MAX = 6
+S_MAX = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainSpec:
+    """How one (domain, task) is rendered: camera and action repeat chosen so motion is visible at 64x64."""
+
+    domain: str
+    task: str
+    camera_id: int
+    action_repeat: int  # dm_control control steps per frame (the action is held for all of them)
+
+
+# Seconds between frames = action_repeat * the task's control timestep (noted per line). point_mass/easy loads and
+# renders but was left out: its point is 1-2 pixels at 64x64 and barely moves under random forces; hopper/hop
+# replaces it.
+_DOMAIN_SPECS = (
+    DomainSpec("cartpole", "swingup", camera_id=1, action_repeat=8),    # 0.08 s; camera 1 "lookatcart" (cam 0 is tiny)
+    DomainSpec("reacher", "easy", camera_id=0, action_repeat=4),        # 0.08 s
+    DomainSpec("cheetah", "run", camera_id=0, action_repeat=4),         # 0.04 s
+    DomainSpec("walker", "walk", camera_id=0, action_repeat=2),         # 0.05 s
+    DomainSpec("finger", "spin", camera_id=0, action_repeat=2),         # 0.04 s
+    DomainSpec("ball_in_cup", "catch", camera_id=0, action_repeat=4),   # 0.08 s
+    DomainSpec("acrobot", "swingup", camera_id=0, action_repeat=4),     # 0.04 s
+    DomainSpec("hopper", "hop", camera_id=0, action_repeat=4),          # 0.08 s
+)
+# Shadows and reflections off: frames look almost the same at 64x64 and render ~5x faster on llvmpipe (3 ms not 15).
+_RENDER_FLAGS = {"shadow": False, "reflection": False}
+
+DOMAINS: tuple[tuple[str, str], ...] = tuple((s.domain, s.task) for s in _DOMAIN_SPECS)
+
+# episodes = total over all domains (round-robin), frames per episode, square resolution, domains (None = all).
+# Cost: ~4.5 ms of CPU per 64x64 frame (~6 ms at 128x128) for render + physics; ~1.35 KB per 64x64 frame on disk
+# (zlib), ~11.6 KB at 128x128. "default" took 138 s on 2 shared cores (about 80 s projected on 2 idle ones).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(episodes=6, frames=24, resolution=64, domains=("cartpole", "reacher")),  # ~5 s; for tests
+    "default": dict(episodes=384, frames=100, resolution=64, domains=None),  # quick start: 38k frames, 50 MB
+    "large": dict(episodes=8000, frames=200, resolution=64, domains=None),   # 1.6M frames, ~2.2 GB, ~2 CPU-hours
+    "xlarge": dict(episodes=10000, frames=200, resolution=128, domains=None),  # 2M frames, ~23 GB, ~3.5 CPU-hours
+}
+
+SPLITS = ("train", "validation", "test")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Domains, seeds, policies
+# --------------------------------------------------------------------------------------------------------------------
+
+def domain_index(domain: int | str) -> int:
+    """Index into DOMAINS from an index, a domain name ("cartpole") or "domain/task"; ValueError when unknown."""
+    if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool):
+        if 0 <= int(domain) < len(DOMAINS):
+            return int(domain)
+        raise ValueError(f"domain: index {domain} is out of range [0, {len(DOMAINS)})")
+    if isinstance(domain, str):
+        for i, (d, t) in enumerate(DOMAINS):
+            if domain in (d, f"{d}/{t}"):
+                return i
+    known = ", ".join(f"{d}/{t}" for d, t in DOMAINS)
+    raise ValueError(f"domain: {domain!r} is not one of the world domains ({known})")
+
+
+def episode_seed(seed: int, index: int) -> int:
+    """The seed of episode `index` of a dataset made with global `seed` (fits a uint32 for MuJoCo task RNGs)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
+
+
+class _Policy:
+    """Random actions inside [low, high]: i.i.d. uniform or Ornstein-Uhlenbeck (smooth), chosen from the seed."""
+
+    def __init__(self, seed: int, low: np.ndarray, high: np.ndarray):
+        self.rng = np.random.default_rng([int(seed), 0x9E3779B9])
+        self.low, self.high = low.astype(np.float64), high.astype(np.float64)
+        self.kind = "uniform" if self.rng.random() < 0.5 else "ou"
+        self.theta = self.rng.uniform(0.05, 0.3)   # pull back to the centre per frame
+        self.sigma = self.rng.uniform(0.1, 0.4)    # noise per frame, in units of the half range
+        self.x = self.rng.uniform(self.low, self.high)
+
+    def __call__(self) -> np.ndarray:
+        if self.kind == "uniform":
+            a = self.rng.uniform(self.low, self.high)
+        else:
+            centre, half = (self.high + self.low) / 2, (self.high - self.low) / 2
+            a = self.x
+            noise = self.rng.standard_normal(self.low.shape)
+            self.x = np.clip(self.x + self.theta * (centre - self.x) + self.sigma * half * noise, self.low, self.high)
+        return np.asarray(a, np.float64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Environments
+# --------------------------------------------------------------------------------------------------------------------
+
+class WorldEnv:
+    """A dm_control environment with exactly the dataset's settings (camera, action repeat, no time limit).
+
+    Why: planning and evaluation must step the same physics that generated the episodes. `reset()` gives the
+    episode's first observation for the env's seed (every time); `step(action)` holds the action for `action_repeat` control
+    steps. Observations are {"frame": uint8 [R, R, 3], "state": float32 [S_MAX], "reward": float}.
+    """
+
+    def __init__(self, domain: int | str, seed: int, resolution: int = 64):
+        from dm_control import suite  # lazy: the EGL context belongs to the process that renders
+
+        if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
+            raise ValueError(f"resolution: must be a positive int, got {resolution!r}")
+        self.domain_index = domain_index(domain)
+        spec = _DOMAIN_SPECS[self.domain_index]
+        self.domain, self.task, self.camera_id, self.action_repeat = (
+            spec.domain, spec.task, spec.camera_id, spec.action_repeat)
+        self.resolution = int(resolution)
+        self.seed = int(seed)
+        self.env = suite.load(spec.domain, spec.task, task_kwargs={"random": self.seed, "time_limit": float("inf")})
+        self.physics = self.env.physics
+        aspec = self.env.action_spec()
+        self.action_low = np.asarray(aspec.minimum, np.float64).reshape(aspec.shape)
+        self.action_high = np.asarray(aspec.maximum, np.float64).reshape(aspec.shape)
+        self.action_dim = int(aspec.shape[0])
+        self.num_qpos = int(self.physics.model.nq)
+        self.state_dim = int(self.physics.model.nq + self.physics.model.nv)
+        if self.action_dim > A_MAX or self.state_dim > S_MAX:
+            raise ValueError(f"domain: {self.domain}/{self.task} has action_dim {self.action_dim} / state_dim "
+                             f"{self.state_dim}, above A_MAX={A_MAX} / S_MAX={S_MAX}")
+        self.reset()  # dm_control would otherwise turn the first step() into a reset (e.g. after set_state)
+
+    def reset(self, seed: int | None = None) -> dict:
+        """Restart the episode of `seed` (default: the env's seed): the task RNG is re-seeded on every reset, so
+        the initial state is the dataset episode's whatever happened before."""
+        if seed is not None:
+            self.seed = int(seed)
+        self.env.task._random = np.random.RandomState(self.seed)  # dm_control keeps the task RNG here
+        self.env.reset()
+        return self._observe(float(self.env.task.get_reward(self.physics)))
+
+    def step(self, action) -> dict:
+        """Apply `action` ([action_dim] or zero-padded [A_MAX]; clipped to the bounds) for one frame."""
+        a = np.asarray(action, np.float64).reshape(-1)
+        if a.shape[0] not in (self.action_dim, A_MAX):
+            raise ValueError(f"action: expected {self.action_dim} (or padded {A_MAX}) values for "
+                             f"{self.domain}/{self.task}, got shape {np.shape(action)}")
+        a = np.clip(a[: self.action_dim], self.action_low, self.action_high)
+        for _ in range(self.action_repeat):
+            ts = self.env.step(a)
+        return self._observe(float(ts.reward))
+
+    def state(self) -> np.ndarray:
+        """float32 [S_MAX]: qpos then qvel, zero-padded."""
+        s = np.zeros(S_MAX, np.float32)
+        s[: self.state_dim] = np.concatenate([self.physics.data.qpos, self.physics.data.qvel])
+        return s
+
+    def set_state(self, qpos, qvel) -> None:
+        """Put the physics in (qpos, qvel) and recompute derived quantities (positions, cameras)."""
+        qpos, qvel = np.asarray(qpos, np.float64).reshape(-1), np.asarray(qvel, np.float64).reshape(-1)
+        if qpos.shape[0] != self.num_qpos or qvel.shape[0] != self.state_dim - self.num_qpos:
+            raise ValueError(f"qpos/qvel: {self.domain}/{self.task} needs {self.num_qpos} and "
+                             f"{self.state_dim - self.num_qpos} values, got {qpos.shape[0]} and {qvel.shape[0]}")
+        with self.physics.reset_context():
+            self.physics.data.qpos[:] = qpos
+            self.physics.data.qvel[:] = qvel
+
+    def render(self) -> np.ndarray:
+        """uint8 [R, R, 3] from the dataset camera."""
+        return np.asarray(self.physics.render(self.resolution, self.resolution, camera_id=self.camera_id,
+                                              render_flag_overrides=_RENDER_FLAGS), np.uint8)
+
+    def _observe(self, reward: float) -> dict:
+        return {"frame": self.render(), "state": self.state(), "reward": reward}
+
+    def close(self) -> None:
+        """Free the rendering context."""
+        self.physics.free()
+
+
+def make_env(domain: int | str, seed: int, resolution: int = 64) -> WorldEnv:
+    """The environment of `domain` (index into DOMAINS, name, or "domain/task") with the generation settings."""
+    return WorldEnv(domain, seed, resolution)
+
+
+_RENDER_ENVS: dict[tuple[int, int], WorldEnv] = {}
+_EPISODE_ENVS: dict[tuple[int, int], WorldEnv] = {}
+
+
+def render_state(domain: int | str, task: str | None, qpos, qvel, resolution: int = 64) -> np.ndarray:
+    """uint8 [R, R, 3]: the dataset camera's view of (qpos, qvel), e.g. goal images for planning.
+
+    `task` must match the domain's task in DOMAINS (None: take it from DOMAINS). Environments are cached per process.
+    """
+    i = domain_index(domain)
+    if task is not None and task != DOMAINS[i][1]:
+        raise ValueError(f"task: {task!r} is not the world task of {DOMAINS[i][0]!r} ({DOMAINS[i][1]!r})")
+    key = (i, int(resolution))
+    if key not in _RENDER_ENVS:
+        _RENDER_ENVS[key] = WorldEnv(i, 0, int(resolution))
+    env = _RENDER_ENVS[key]
+    env.set_state(qpos, qvel)
+    return env.render()
+
+
+def generate_episode(domain: int | str, seed: int, frames: int, resolution: int = 64) -> dict:
+    """One episode as a world record (numpy); a pure function of its arguments (environments cached per process)."""
+    i = domain_index(domain)
+    if frames < 1:
+        raise ValueError(f"frames: must be >= 1, got {frames}")
+    key = (i, int(resolution))
+    if key not in _EPISODE_ENVS:
+        _EPISODE_ENVS[key] = WorldEnv(i, seed, int(resolution))
+    env = _EPISODE_ENVS[key]
+    policy = _Policy(seed, env.action_low, env.action_high)
+    res = int(resolution)
+    out = {
+        "frames": np.zeros((frames, res, res, 3), np.uint8),
+        "actions": np.zeros((frames, A_MAX), np.float32),
+        "states": np.zeros((frames, S_MAX), np.float32),
+        "rewards": np.zeros((frames,), np.float32),
+    }
+    obs = env.reset(seed)
+    for t in range(frames):
+        out["frames"][t], out["states"][t], out["rewards"][t] = obs["frame"], obs["state"], obs["reward"]
+        action = policy().astype(np.float32)  # apply exactly the stored float32 values, so replays match bit for bit
+        out["actions"][t, : env.action_dim] = action
+        if t + 1 < frames:
+            obs = env.step(action)
+    out.update(action_dim=env.action_dim, state_dim=env.state_dim, num_qpos=env.num_qpos, domain=i,
+               task=env.task, seed=int(seed), label=i)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configs and the TFDS builder
+# --------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class WorldConfig(tfds.core.BuilderConfig):
+    """Generation options; the config name encodes them so each option set is cached in its own directory."""
+
+    episodes: int = 0
+    frames: int = 0
+    resolution: int = 64
+    domains: tuple[int, ...] = ()
+    seed: int = 0
+
+    def episode_domain(self, index: int) -> int:
+        return self.domains[index % len(self.domains)]
+
+    def split_indices(self) -> dict[str, range]:
+        """Episode indices per split: ~80/10/10 in episode order, validation and test get at least one each."""
+        n = max(1, round(0.1 * self.episodes))
+        n_train = self.episodes - 2 * n
+        return {"train": range(0, n_train), "validation": range(n_train, n_train + n),
+                "test": range(n_train + n, self.episodes)}
+
+
+def _resolve_domains(domains) -> tuple[int, ...]:
+    if domains is None:
+        return tuple(range(len(DOMAINS)))
+    if isinstance(domains, (str, bytes)):
+        raise ValueError(f"domains: expected a sequence of domain names, got the string {domains!r}")
+    idx = tuple(domain_index(d) for d in domains)
+    if not idx:
+        raise ValueError("domains: must name at least one domain")
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"domains: {list(domains)} names a domain twice")
+    return idx
+
+
+def make_config(preset: str = "default", *, episodes: int | None = None, frames: int | None = None,
+                resolution: int | None = None, domains: Sequence[str] | None = None, seed: int = 0) -> WorldConfig:
+    """A WorldConfig from a preset plus overrides; named after the preset when nothing differs from it."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: {preset!r} is not one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    ep = p["episodes"] if episodes is None else episodes
+    fr = p["frames"] if frames is None else frames
+    res = p["resolution"] if resolution is None else resolution
+    dom = _resolve_domains(p["domains"] if domains is None else domains)
+    for name, v, lo in (("episodes", ep, 3), ("frames", fr, 2), ("resolution", res, 8)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name}: must be an int >= {lo}, got {v!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed: must be a non-negative int, got {seed!r}")
+    same = (ep, fr, res, dom, seed) == (p["episodes"], p["frames"], p["resolution"],
+                                        _resolve_domains(p["domains"]), 0)
+    name = preset if same else (f"{preset}_e{ep}_f{fr}_r{res}_d{'x'.join(map(str, dom))}_s{seed}")
+    desc = (f"{ep} episodes x {fr} frames at {res}x{res}, domains "
+            f"{', '.join('/'.join(DOMAINS[i]) for i in dom)}, seed {seed}")
+    return WorldConfig(name=name, description=desc, episodes=int(ep), frames=int(fr), resolution=int(res),
+                       domains=dom, seed=int(seed))
+
+
+def _episode_job(args) -> dict:
+    """Worker entry point (module level so spawn can import it)."""
+    domain, seed, frames, resolution = args
+    return generate_episode(domain, seed, frames, resolution)
+
+
+def _worker_init() -> None:
+    # One llvmpipe thread per worker: the workers already fill the cores, extra raster threads only contend.
+    os.environ.setdefault("LP_NUM_THREADS", "1")
+
+
+class World(tfds.core.GeneratorBasedBuilder):
+    """DeepMind Control Suite episodes with frames, actions, physics states and rewards (see the module docstring)."""
+
+    name = "jepa_world"
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release."}
+    BUILDER_CONFIGS = [make_config(p) for p in PRESETS]
+    DEFAULT_CONFIG_NAME = "default"
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # TFDS's own lookup needs the importlib_resources backport (not installed); this file is the answer anyway.
+        from etils import epath
+
+        return epath.Path(__file__)
+
+    def __init__(self, *, num_workers: int | None = None, **kwargs):
+        self._num_workers = num_workers
+        self._pool = None      # shared over the three splits during one preparation
+        self._progress = None
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        c = self.builder_config
+        t, r = c.frames, c.resolution
+        f = tfds.features
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__.split("\n\n")[0],
+            features=f.FeaturesDict({
+                "frames": f.Tensor(shape=(t, r, r, 3), dtype=np.uint8, encoding=f.Encoding.ZLIB),
+                "actions": f.Tensor(shape=(t, A_MAX), dtype=np.float32),
+                "states": f.Tensor(shape=(t, S_MAX), dtype=np.float32),
+                "rewards": f.Tensor(shape=(t,), dtype=np.float32),
+                "action_dim": f.Scalar(dtype=np.int32),
+                "state_dim": f.Scalar(dtype=np.int32),
+                "num_qpos": f.Scalar(dtype=np.int32),
+                "domain": f.Scalar(dtype=np.int32),
+                "task": f.Text(),
+                "seed": f.Scalar(dtype=np.int64),
+                "label": f.ClassLabel(names=[f"{d}/{t}" for d, t in DOMAINS]),
+            }),
+            disable_shuffling=True,  # records in episode order
+            homepage="https://github.com/google-deepmind/dm_control",
+        )
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(idx) for split, idx in self.builder_config.split_indices().items()}
+
+    def _generate_examples(self, indices: range) -> Iterator[tuple[int, dict]]:
+        c = self.builder_config
+        jobs = [(c.episode_domain(i), episode_seed(c.seed, i), c.frames, c.resolution) for i in indices]
+        own_pool = self._pool is None and self._workers() > 1
+        pool = _make_pool(self._workers()) if own_pool else self._pool
+        try:
+            results = pool.imap(_episode_job, jobs, chunksize=1) if pool is not None else map(_episode_job, jobs)
+            for i, ep in zip(indices, results):
+                if self._progress is not None:
+                    self._progress.update(1)
+                yield i, ep
+        finally:
+            if own_pool:
+                pool.terminate()
+
+    def _workers(self) -> int:
+        c = self.builder_config
+        if self._num_workers is not None:
+            n = self._num_workers
+        else:  # small datasets: spawning workers (~2 s each) costs more than it saves
+            n = 1 if c.episodes * c.frames <= _IN_PROCESS_FRAMES else _available_cpus()
+        return max(1, min(int(n), c.episodes))
+
+
+_IN_PROCESS_FRAMES = 1000
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _make_pool(n: int):
+    ctx = multiprocessing.get_context("spawn")  # EGL contexts and dm_control are created inside each worker
+    return ctx.Pool(n, initializer=_worker_init)
+
+
+def prepare_world(data_dir: str, *, preset: str = "default", episodes: int | None = None, frames: int | None = None,
+                  resolution: int | None = None, domains: Sequence[str] | None = None, seed: int = 0,
+                  num_workers: int | None = None) -> tfds.core.DatasetBuilder:
+    """Generate the world dataset once (parallel workers, progress bar), cached under data_dir; return the builder.
+
+    num_workers: generator processes (None = the CPUs available, or this process alone for at most 1000 frames;
+    1 or 0 = in this process). It does not change the output, so it is not part of the cache key.
+    """
+    if num_workers is not None and (not isinstance(num_workers, (int, np.integer)) or num_workers < 0):
+        raise ValueError(f"num_workers: must be an int >= 0 or None, got {num_workers!r}")
+    config = make_config(preset, episodes=episodes, frames=frames, resolution=resolution, domains=domains, seed=seed)
+    # TFDS wants the registered config by name for presets, a config object for anything else.
+    builder = World(data_dir=os.fspath(data_dir), config=config.name if config.name in PRESETS else config,
+                    num_workers=num_workers)
+    if builder.is_prepared():
+        return builder
+    from tqdm.auto import tqdm
+
+    n = builder._workers()
+    builder._pool = _make_pool(n) if n > 1 else None
+    builder._progress = tqdm(total=config.episodes, desc=f"jepa_world/{config.name}: episodes ({n} workers)",
+                             unit="ep", file=sys.stderr)
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    tfds_bars = tqdm_utils._active  # TFDS's nested per-split bars would interleave with ours: off while we generate
+    tqdm_utils.display_progress_bar(False)
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    finally:
+        tqdm_utils.display_progress_bar(tfds_bars)
+        builder._progress.close()
+        if builder._pool is not None:
+            builder._pool.terminate()
+        builder._pool = builder._progress = None
+    return builder
+
+
+def world_source(data_dir: str, split: str = "train", **options):
+    """Random-access source (len / getitem) over one split; prepares the dataset first when it is missing.
+
+    options: the keyword arguments of prepare_world. Records follow the spec's "World episode record" (the TFDS
+    numpy decoding: "task" is returned as str).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+    builder = prepare_world(data_dir, **options)
+    return WorldSource(builder.as_data_source(split=split))
+
+
+class WorldSource:
+    """The TFDS ArrayRecord data source of one split, with "task" decoded to str as the spec's record says.
+
+    Why a wrapper: TFDS's numpy decoding returns Text features as bytes. `data_source` is the raw TFDS source.
+    """
+
+    def __init__(self, data_source):
+        self.data_source = data_source
+        self.dataset_info = data_source.dataset_info
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def __getitem__(self, index: int) -> dict:
+        return _fix_record(self.data_source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        return [_fix_record(r) for r in self.data_source.__getitems__(indices)]
+
+    def __repr__(self) -> str:
+        return f"WorldSource({self.data_source!r})"
+
+
+def _fix_record(record: dict) -> dict:
+    if isinstance(record.get("task"), bytes):
+        record["task"] = record["task"].decode("utf-8")
+    return record
