@@ -145,6 +145,8 @@ def test_init_from_copies_weights_and_restarts_the_step(tmp_path, tiny_config):
     pre, _ = params_of(str(tmp_path / "pre"), tiny_config)
     tiny_config.train.init_from = str(tmp_path / "pre")
     tiny_config.train.total_steps = 1
+    tiny_config.optim.schedule = "warmup_constant"
+    tiny_config.optim.warmup_steps = 0
     tiny_config.optim.lr = 0.0
     tiny_config.optim.start_lr = 0.0
     result = train_lib.train(tiny_config, str(tmp_path / "cool"))
