@@ -16,7 +16,8 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ def vjepa_step_flops_breakdown(tokens_per_clip: int, mask_lengths: Mapping[str, 
     encoder: {width, depth, mlp_dim, patch_size=16, tubelet_size=2, in_channels=3}.
     predictor: {width, depth, mlp_dim=4*width}.
     Counted: target (EMA) encoder forward on all L tokens (no backward); per mask type the context encoder
-    forward+backward on Nc tokens plus its patch embedding of all L tokens (the ViT embeds, then gathers), and the
+    forward+backward on Nc tokens including their patch embedding (the ViT gathers kept patches first), and the
     predictor forward+backward on Nc+Nt tokens including its input projection (encoder width -> predictor width,
     Nc tokens) and output projection (predictor width -> encoder width, Nt target tokens).
     Backward counted as 2 x forward everywhere (so fwd+bwd = 3 x fwd), including the patch embedding.
@@ -92,7 +93,7 @@ def vjepa_step_flops_breakdown(tokens_per_clip: int, mask_lengths: Mapping[str, 
         nc, nt = (int(v) for v in pair)
         if nc <= 0 or nt <= 0 or nc + nt > L:
             raise ValueError(f"mask_lengths: (num_context={nc}, num_target={nt}) must be > 0 and sum to <= {L}")
-        out["context_encoder"] += 3 * (embed + vit_forward_flops(nc, ew, ed, em))
+        out["context_encoder"] += 3 * (patch_embed_flops(nc, ew, **embed_kw) + vit_forward_flops(nc, ew, ed, em))
         out["predictor"] += 3 * (linear_flops(nc, ew, pw) + vit_forward_flops(nc + nt, pw, pd, pm)
                                  + linear_flops(nt, pw, ew))
     return {k: v * int(batch_size) for k, v in out.items()}
@@ -448,7 +449,8 @@ def format_progress(step: int, total: int, metrics: Mapping[str, Any], *, step_t
         speed.append(f"data {100 * data_wait_share:.0f}%")
     compute = []
     if _ok(flops_per_s):
-        compute.append(f"{flops_per_s / 1e12:.1f} TFLOP/s/dev")
+        compute.append(f"{flops_per_s / 1e12:.1f} TFLOP/s/dev" if flops_per_s >= 1e12
+                       else f"{flops_per_s / 1e9:.1f} GFLOP/s/dev")
     if _ok(mfu):
         compute.append(f"MFU {100 * mfu:.1f}%")
     if eta is None and _ok(step_time):

@@ -8,7 +8,8 @@ the value at step t is the one applied by the t-th update.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -136,8 +137,9 @@ def _path_names(path) -> list[str]:
 def decay_mask(params, no_decay_names: tuple[str, ...] = ()) -> Any:
     """Pytree of bools (same structure as params): True where weight decay applies.
 
-    As in the V-JEPA reference: no decay on biases (leaf name contains "bias") and on every parameter with
-    ndim <= 1 (LayerNorm scales, ...). Mask tokens and other >= 2-D embeddings ARE decayed, like the reference's
+    As in the V-JEPA reference: no decay on biases and LayerNorm scales (leaf name contains "bias" or ends in
+    "scale": the scanned blocks stack them into [depth, width] arrays, so ndim alone cannot tell) and on every
+    other parameter with ndim <= 1. Mask tokens and other >= 2-D embeddings ARE decayed, like the reference's
     (1, 1, D) mask-token parameters; pass e.g. no_decay_names=("mask_token",) to exclude leaves whose path
     contains one of these substrings. Works on nested dicts and on flax NNX `State`s.
     """
@@ -145,7 +147,7 @@ def decay_mask(params, no_decay_names: tuple[str, ...] = ()) -> Any:
         names = _path_names(path)
         leaf_name = names[-1] if names else ""
         full = "/".join(names)
-        if "bias" in leaf_name or jnp.ndim(leaf) <= 1:
+        if "bias" in leaf_name or leaf_name.endswith("scale") or jnp.ndim(leaf) <= 1:
             return False
         return not any(s in full for s in no_decay_names)
 
@@ -171,7 +173,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def _find_hparams(state):
-    if hasattr(state, "hyperparams") and isinstance(getattr(state, "hyperparams"), dict):
+    if hasattr(state, "hyperparams") and isinstance(state.hyperparams, dict):
         return state.hyperparams
     if isinstance(state, (tuple, list)):
         for s in state:

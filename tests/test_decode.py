@@ -1,11 +1,11 @@
 """Decoding with real media written by PyAV: frame-exact seeking per codec, resizing, images, VFR, bad files."""
 import os
 
+import media
 import numpy as np
 import pytest
 
 from jepa.data import decode as D
-import media
 
 N = 60             # frames per test video; gop 8 so that seeking actually skips keyframes
 H, W = 61, 97      # odd sizes on purpose

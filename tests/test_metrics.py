@@ -14,7 +14,6 @@ import pytest
 
 from jepa import metrics
 
-
 # ---------------------------------------------------------------- FLOPs
 
 def test_vit_flops_hand_count():
@@ -29,11 +28,12 @@ def test_vjepa_step_flops_hand_count():
     enc = dict(width=8, depth=1, mlp_dim=16, patch_size=2, tubelet_size=1, in_channels=1)
     pred = dict(width=4, depth=1, mlp_dim=8)
     parts = metrics.vjepa_step_flops_breakdown(8, {"m": (4, 2)}, enc, pred, batch_size=2)
-    # target: embed 512 + ViT(8 tokens) 10240; context: 3 * (512 + 4608); predictor: 3 * (256 + 2112 + 128)
-    assert parts == {"target_encoder": 2 * 10752, "context_encoder": 2 * 15360, "predictor": 2 * 7488}
-    assert metrics.vjepa_step_flops(8, [(4, 2)], enc, pred, 2) == 67200
+    # target: embed 512 + ViT(8 tokens) 10240; context: 3 * (embed of 4 kept patches 256 + 4608);
+    # predictor: 3 * (256 + 2112 + 128)
+    assert parts == {"target_encoder": 2 * 10752, "context_encoder": 2 * 14592, "predictor": 2 * 7488}
+    assert metrics.vjepa_step_flops(8, [(4, 2)], enc, pred, 2) == 65664
     two = metrics.vjepa_step_flops(8, {"a": (4, 2), "b": (4, 2)}, enc, pred, 2)
-    assert two == 67200 + 2 * (15360 + 7488)  # the target encoder runs once, the rest per mask type
+    assert two == 65664 + 2 * (14592 + 7488)  # the target encoder runs once, the rest per mask type
     with pytest.raises(ValueError, match="mask_lengths"):
         metrics.vjepa_step_flops(8, {"m": (6, 4)}, enc, pred, 2)
     with pytest.raises(ValueError, match="predictor"):
@@ -198,7 +198,7 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
         w.write_text(0, "config", "lr: 1e-4")
         with pytest.raises(ValueError, match="'vec'"):
             w.write(30, {"vec": jnp.ones(3)})
-    lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    lines = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert [(r["step"], r["loss"]) for r in lines] == [(10, 0.5), (20, 0.25)]
     assert lines[0]["lr"] == pytest.approx(1e-4) and lines[0]["n"] == 3.0 and lines[1]["bad"] is None
     events = glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
@@ -257,6 +257,7 @@ def test_format_progress_has_all_fields():
                   "ETA 33:10:00"):
         assert piece in line, (piece, line)
     assert "\n" not in line
+    assert "143.0 GFLOP/s/dev" in metrics.format_progress(1, 2, m, step_time=1.0, flops_per_s=143e9)
     assert metrics.format_duration(3725) == "1:02:05" and metrics.format_duration(float("nan")) == "?"
 
 

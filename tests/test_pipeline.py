@@ -7,10 +7,10 @@ PyAV (tests/media.py), read as video records with bytes, through a manifest, or 
 import logging
 import os
 
+import media
 import numpy as np
 import pytest
 
-import media
 from jepa import config as config_lib
 from jepa.data import pipeline
 

@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 
+import media
 import pytest
 
-import media
 from jepa.data import decode as D
 from jepa.data import video_folder as vf
 

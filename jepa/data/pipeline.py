@@ -16,7 +16,8 @@ import logging
 import math
 import threading
 import zlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import ml_collections
@@ -352,7 +353,7 @@ def mask_specs(config) -> list:
     return masks_lib.specs_from_config(config.mask.types)
 
 
-def make_masker(config) -> "masks_lib.MultiBlockMasker":
+def make_masker(config) -> masks_lib.MultiBlockMasker:
     return masks_lib.MultiBlockMasker(token_grid(config), mask_specs(config),
                                       length_quantile=float(config.mask.get("length_quantile", 0.1)))
 
@@ -497,7 +498,7 @@ class ResumableIterDataset(grain.IterDataset):
         super().__init__(parent)
         self.num_workers = int(num_workers)
 
-    def __iter__(self) -> "ResumableIterator":
+    def __iter__(self) -> ResumableIterator:
         return ResumableIterator(self._parent.__iter__(), self.num_workers)
 
 
@@ -560,7 +561,7 @@ def check_sources(config, *, sample: int = 32, sources: Mapping[str, Any] | None
     names, srcs, _ = _sources_from_config(config, sources)
     maker = ClipMaker(names, srcs, settings, train=False, world=False, seed=int(config.seed))
     report, errors = {}, []
-    for sid, (name, src) in enumerate(zip(names, srcs)):
+    for name, src in zip(names, srcs):
         n = len(src)
         picks = sorted(set(np.linspace(0, n - 1, min(n, sample)).round().astype(int).tolist()))
         bad, reasons = [], []

@@ -27,7 +27,7 @@ def _splits(builder) -> dict[str, int]:
 
 
 def _dmc(args) -> int:
-    from jepa.data import world   # imported here: MuJoCo is only needed for this command
+    from jepa.data import world  # imported here: MuJoCo is only needed for this command
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     builder = world.prepare_world(args.data_dir, preset=args.preset, episodes=args.episodes, frames=args.frames,
                                   resolution=args.resolution, domains=domains, seed=args.seed,

@@ -26,7 +26,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -202,7 +203,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         results = _probe_all([p for p, _ in items], cfg.num_workers)
         good = [(p, meta) for p, meta, err in results if meta is not None]
         bad = [(p, err) for p, meta, err in results if meta is None]
-        for p, err in bad:
+        for _, err in bad:
             log.warning("skipping unusable file: %s", err)
         root = cfg.src if os.path.isdir(cfg.src) else os.path.dirname(os.path.abspath(cfg.src))
         split_of = {p: "validation" if _in_validation(os.path.relpath(p, root), cfg.validation_fraction) else "train"

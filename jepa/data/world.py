@@ -35,7 +35,7 @@ import dataclasses
 import multiprocessing
 import os
 import sys
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before any dm_control import (they are lazy, inside functions)
 
@@ -139,9 +139,10 @@ class _Policy:
 class WorldEnv:
     """A dm_control environment with exactly the dataset's settings (camera, action repeat, no time limit).
 
-    Why: planning and evaluation must step the same physics that generated the episodes. `reset()` gives the
-    episode's first observation for the env's seed (every time); `step(action)` holds the action for `action_repeat` control
-    steps. Observations are {"frame": uint8 [R, R, 3], "state": float32 [S_MAX], "reward": float}.
+    Why: planning and evaluation must step the same physics that generated the episodes. `reset()` gives
+    the episode's first observation for the env's seed (every time); `step(action)` holds the action for
+    `action_repeat` control steps. Observations are
+    {"frame": uint8 [R, R, 3], "state": float32 [S_MAX], "reward": float}.
     """
 
     def __init__(self, domain: int | str, seed: int, resolution: int = 64):

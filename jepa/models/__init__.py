@@ -5,15 +5,14 @@
     out = nnx.merge(graphdef, params)(video, token_idx)
 
 Block parameters are stacked along a leading depth axis (one `lax.scan` over blocks), so e.g. the blocks'
-biases and LayerNorm scales are 2-D [depth, width]: select parameters for weight decay by name
-(`weight_decay_mask`), not by ndim.
+biases and LayerNorm scales are 2-D [depth, width]: `jepa.optim.decay_mask` selects them by name, not by ndim.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -23,8 +22,7 @@ from jepa.models.rope import LAYOUTS as ROPE_LAYOUTS
 from jepa.models.vit import ENCODER_SIZES, VisionTransformer, token_grid
 
 __all__ = ["ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "Blocks", "Predictor", "VisionTransformer",
-           "build_encoder", "build_predictor", "compute_dtype", "resolved_dims", "token_grid",
-           "weight_decay_mask"]
+           "build_encoder", "build_predictor", "compute_dtype", "resolved_dims", "token_grid"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -68,8 +66,10 @@ def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
 
 
 def _common(model_cfg) -> dict[str, Any]:
+    # `scan` and `attention` are optional fields (defaults: scan over blocks, einsum attention).
     return dict(rope_layout=str(model_cfg.rope_layout), dtype=compute_dtype(model_cfg),
-                remat=str(model_cfg.remat))
+                remat=str(model_cfg.remat), scan=bool(_get(model_cfg, "scan", True)),
+                attention_impl=str(_get(model_cfg, "attention", "einsum")))
 
 
 def build_encoder(model_cfg, rngs: nnx.Rngs) -> VisionTransformer:
@@ -85,15 +85,3 @@ def build_predictor(model_cfg, grid: Sequence[int], rngs: nnx.Rngs) -> Predictor
     return Predictor(encoder_width=dims["encoder"]["width"], width=p["width"], depth=p["depth"], heads=p["heads"],
                      mlp_dim=p["mlp_dim"], num_mask_tokens=p["num_mask_tokens"], grid=tuple(grid),
                      **_common(model_cfg), rngs=rngs)
-
-
-NO_DECAY_SUFFIXES = ("_bias", "_scale", "mask_tokens")
-
-
-def weight_decay_mask(params) -> Any:
-    """Same-structure pytree of bools: True for weight matrices (kernels), False for biases, LayerNorm scales
-    and mask tokens (no decay on those, as the reference). Works on nested dicts / nnx.State of our models."""
-    def decide(path, _):
-        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-        return not name.endswith(NO_DECAY_SUFFIXES)
-    return jax.tree_util.tree_map_with_path(decide, params)
