@@ -280,7 +280,7 @@ class ClipMaker:
                 clip = transforms.hflip(clip, rng, p=0.5)
         else:
             clip = transforms.center_crop_resize(clip, s.resolution)
-        return transforms.normalize(clip)
+        return clip  # uint8: normalised on the device (4x fewer bytes through workers and host-to-device)
 
     def extras(self, record: Mapping, indices: np.ndarray) -> dict:
         out = {"label": np.int32(record.get("label", -1))}

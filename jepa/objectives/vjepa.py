@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa import models
+from jepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jepa.metrics import effective_rank
 
 Params = Any
@@ -31,6 +32,15 @@ def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def normalize_video(video: jax.Array) -> jax.Array:
+    """uint8 clips from the pipeline -> float32 with ImageNet mean/std, on the device."""
+    if video.dtype != jnp.uint8:
+        raise ValueError(f"batch['video'] must be uint8 [B, T, H, W, 3] as the pipeline yields, got {video.dtype}")
+    mean = jnp.asarray(IMAGENET_MEAN) * 255.0
+    std = jnp.asarray(IMAGENET_STD) * 255.0
+    return (video.astype(jnp.float32) - mean) / std
 
 
 def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -80,7 +90,7 @@ class VJEPA:
     # ---- the loss ----
     def loss(self, params: dict[str, Params], ema_params: Params, batch: dict[str, jax.Array]):
         """Returns (loss, aux) with the loss per mask type and collapse diagnostics of the targets."""
-        video = batch["video"]
+        video = normalize_video(batch["video"])
         targets = self.targets(ema_params, video)
         aux, total = {}, 0.0
         for name, mask_token in zip(self.mask_names, self.mask_tokens, strict=True):
