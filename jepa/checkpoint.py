@@ -8,6 +8,7 @@ a save never damages the last good checkpoint: `latest_step` only reports finish
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -43,12 +44,40 @@ class Checkpointer:
         return saved
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
-        """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs), and the iterator in place."""
+        """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs), and the iterator in place.
+
+        The shardings may differ from the saving run's (another mesh or device count): Orbax reshards. Grain
+        stores one iterator file per process (`process_{i}-of-{n}.json`); when the process count changed, the
+        file of a saving process is used instead. That is exact for this pipeline, whose state is
+        {"next_index": batches consumed} on every process: batch k covers global stream positions
+        [k * global_batch, (k + 1) * global_batch) whatever the process count, so no clip is repeated or skipped,
+        but each process now reads a different slice of them and masks (drawn per process) differ."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
+        foreign = None
         if data_iter is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            foreign = self._foreign_iterator_state(step)
+            if foreign is None:
+                args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        if foreign is not None:
+            path, state = foreign
+            logging.warning("checkpoint step %d was saved by another process count; data iterator state %s "
+                            "taken from %s", step, state, path)
+            data_iter.set_state(state)
         return restored["state"]
+
+    def _foreign_iterator_state(self, step: int) -> tuple[str, Any] | None:
+        """(file, state) of a saved iterator when this process's own file is missing; None when present."""
+        data_dir = os.path.join(self.directory, str(step), "data")
+        own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        if not os.path.isdir(data_dir) or os.path.exists(own):
+            return None
+        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_") and f.endswith(".json"))
+        if not saved:
+            return None
+        path = os.path.join(data_dir, saved[0])
+        with open(path) as f:
+            return path, json.load(f)
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)

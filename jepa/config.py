@@ -76,6 +76,7 @@ def base_config() -> ConfigDict:
     c.model.rope_layout = "reference"  # or "interleaved"
     c.model.dtype = "bfloat16"         # compute dtype; parameters stay float32
     c.model.remat = "none"             # "none" | "full" | "dots"
+    c.model.attention = "einsum"       # "einsum" | "xla" | "cudnn" (fused kernel on NVIDIA GPUs, bf16/fp16)
 
     # ---- objective (jepa/objectives/vjepa.py) ----
     c.loss = ConfigDict(dict(exponent=1.0))
@@ -99,8 +100,17 @@ def base_config() -> ConfigDict:
     c.train.peak_flops = 0.0           # per device; 0 = nominal table on accelerators, measured on CPU
     c.train.compilation_cache = os.path.join(os.path.expanduser("~"), ".cache", "jepa", "jax")
 
+    # ---- periodic evaluations during training (jepa/evaluators.py): name -> dict(kind=knn|probe, every, ...)
+    c.evals = ConfigDict({})
+
     # ---- mesh (jepa/sharding.py): -1 fills the remaining devices ----
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+    # ---- multi-process runtime (jepa/sharding.py initialize_distributed) ----
+    # mode "auto": start jax.distributed when coordinator_address is set or the environment is a multi-process
+    # SLURM / Open MPI / TPU-pod job; "on": always (auto-detected arguments unless given); "off": never.
+    c.distributed = ConfigDict(dict(mode="auto", coordinator_address="", num_processes=0, process_id=-1,
+                                    local_device_ids="", timeout_s=300))
     return c
 
 
@@ -127,6 +137,10 @@ def validate(c: ConfigDict) -> None:
              f"{t.mask_token} is not below model.predictor.num_mask_tokens={c.model.predictor.num_mask_tokens}")
     need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
     need(c.model.remat in ("none", "full", "dots"), "model.remat", f"unknown policy {c.model.remat!r}")
+    need(c.model.get("attention", "einsum") in ("einsum", "xla", "cudnn"), "model.attention",
+         f"unknown implementation {c.model.get('attention')!r} (einsum, xla or cudnn)")
+    need(c.model.get("attention", "einsum") != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
+         "model.attention", f"'cudnn' needs model.dtype bfloat16 or float16, got {c.model.dtype!r}")
     need(c.model.rope_layout in ("reference", "interleaved"), "model.rope_layout",
          f"unknown layout {c.model.rope_layout!r}")
     need(c.loss.exponent > 0, "loss.exponent", "must be > 0")
@@ -134,6 +148,14 @@ def validate(c: ConfigDict) -> None:
     need(c.train.global_batch_size % c.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
          f"{c.optim.grad_accum_steps} does not divide train.global_batch_size={c.train.global_batch_size}")
     need(c.train.total_steps > 0, "train.total_steps", "must be > 0")
+    if "distributed" in c:
+        need(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
+             f"{c.distributed.mode!r} is not one of auto, on, off")
+        need(not c.distributed.coordinator_address or
+             (c.distributed.num_processes >= 1 and 0 <= c.distributed.process_id < c.distributed.num_processes),
+             "distributed.coordinator_address",
+             f"needs num_processes >= 1 and 0 <= process_id < num_processes, got num_processes="
+             f"{c.distributed.num_processes} process_id={c.distributed.process_id}")
     need(0.0 <= c.optim.ema_momentum <= 1.0 and 0.0 <= c.optim.final_ema_momentum <= 1.0,
          "optim.ema_momentum", "must lie in [0, 1]")
 

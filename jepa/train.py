@@ -16,6 +16,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +26,7 @@ import optax
 
 from jepa import checkpoint as ckpt_lib
 from jepa import config as config_lib
+from jepa import evaluators as evaluators_lib
 from jepa import metrics as metrics_lib
 from jepa import models, optim, sharding
 from jepa.data import pipeline
@@ -47,7 +50,10 @@ class TrainResult:
 
 
 def setup_runtime(config) -> None:
-    """Persistent compilation cache (a second run skips compiling) and multi-process CPU collectives."""
+    """Persistent compilation cache (a second run skips compiling) and the multi-process runtime
+    (jax.distributed, gloo collectives on CPU; config.distributed, see jepa/sharding.py)."""
+    if "distributed" in config:
+        sharding.initialize_distributed(config.distributed)
     if config.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
@@ -62,28 +68,19 @@ def data_keys(config) -> list[str]:
     return keys
 
 
-def train(config, workdir: str) -> TrainResult:
-    config_lib.validate(config)
-    setup_runtime(config)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What a config compiles to: the objective, the state layout, and the jitted (sharded) functions."""
 
-    # ------------------------------------------------------------ mesh
-    mesh = sharding.make_mesh(config.mesh)
-    logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
-                 jax.devices()[0].device_kind, jax.process_count())
+    grid: tuple[int, int, int]
+    objective: VJEPA
+    abstract_state: Any    # ShapeDtypeStructs carrying their shardings (restore targets)
+    state_shardings: Any
+    init_state: Callable   # rng -> train state, created already sharded
+    train_step: Callable   # (state, batch) -> (state, metrics); pure, state donated
 
-    # ------------------------------------------------------------ data
-    pipeline.check_sources(config)
-    dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), train=True)
-    data_iter = iter(dataset)
-    keys = data_keys(config)
 
-    # ------------------------------------------------------------ model and state
+def build_run(config, mesh) -> Run:
     enc = config.model.encoder
     grid = models.token_grid(config.data.num_frames, config.data.resolution, enc.patch_size, enc.tubelet_size)
     objective = VJEPA.from_config(config, grid)
@@ -97,15 +94,9 @@ def train(config, workdir: str) -> TrainResult:
         return {"params": params, "ema": params["encoder"], "opt": tx.init(params),
                 "step": jnp.zeros((), jnp.int32)}
 
-    init_rng = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(init_state, init_rng)
+    abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
     state_shardings = sharding.state_shardings(abstract_state, mesh)
     abstract_state = ckpt_lib.abstract_like(abstract_state, state_shardings)
-    num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
-    logging.info("parameters: encoder %.2fM, predictor %.2fM", num_params["encoder"] / 1e6,
-                 num_params["predictor"] / 1e6)
-
-    # ------------------------------------------------------------ train step
     num_micro = config.optim.grad_accum_steps
 
     def train_step(state, batch):
@@ -124,9 +115,48 @@ def train(config, workdir: str) -> TrainResult:
         new_state = {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
-    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in data_keys(config)}
+    return Run(
+        grid=grid, objective=objective, abstract_state=abstract_state, state_shardings=state_shardings,
+        init_state=jax.jit(init_state, out_shardings=state_shardings),
+        train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                           out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0))
+
+
+def train(config, workdir: str) -> TrainResult:
+    config_lib.validate(config)
+    setup_runtime(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ------------------------------------------------------------ mesh
+    mesh = sharding.make_mesh(config.mesh)
+    logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
+                 jax.devices()[0].device_kind, jax.process_count())
+
+    # ------------------------------------------------------------ data
+    # Process 0 first: it prepares (generates) a missing world dataset; the others wait, then only read it.
+    if is_main:
+        pipeline.check_sources(config)
+    sharding.sync("jepa: data sources ready")
+    if not is_main:
+        pipeline.check_sources(config)
+    dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), train=True)
+    data_iter = iter(dataset)
+    keys = data_keys(config)
+
+    # ------------------------------------------------------------ model, state and train step
+    run = build_run(config, mesh)
+    abstract_state, train_step = run.abstract_state, run.train_step
+    grid, total_steps = run.grid, config.train.total_steps
+    init_rng = jax.random.PRNGKey(config.seed)
+    num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
+    logging.info("parameters: encoder %.2fM, predictor %.2fM", num_params["encoder"] / 1e6,
+                 num_params["predictor"] / 1e6)
 
     # ------------------------------------------------------------ checkpoints: resume, init_from, or fresh
     checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.train.checkpoint_every,
@@ -136,7 +166,7 @@ def train(config, workdir: str) -> TrainResult:
         state = checkpointer.restore(last_good, abstract_state, data_iter)
         logging.info("resumed from %s at step %d", checkpointer.directory, last_good)
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+        state = run.init_state(init_rng)
         if config.train.init_from:
             other, other_step = ckpt_lib.load_state(config.train.init_from, abstract_state)
             state = {**state, "params": other["params"], "ema": other["ema"]}
@@ -145,6 +175,7 @@ def train(config, workdir: str) -> TrainResult:
     # ------------------------------------------------------------ loop
     start_step = int(jax.device_get(state["step"]))
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
+    evaluators = evaluators_lib.build(config, mesh, run.objective)  # config.evals: periodic kNN / probes
     timer = metrics_lib.StepTimer()
     width = models.resolved_dims(config.model)["encoder"]["width"]
     monitor = metrics_lib.CollapseMonitor(min_rank=config.train.collapse_warn_rank * width)
@@ -156,8 +187,13 @@ def train(config, workdir: str) -> TrainResult:
                                         num_devices=jax.device_count(), timer=timer)
     logging.info("analytic model FLOPs per step %.4g; peak per device %.4g FLOP/s", step_flops, peak)
 
+    # Preemption: one process keeps its own SIGTERM flag. Several processes must stop at the same step, so
+    # there JAX's preemption sync manager (it receives SIGTERM on any process) picks the step: Orbax's
+    # reached_preemption(step) turns true on every process at once.
+    multi_process = jax.process_count() > 1
     preempted = {"flag": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    previous_handler = (signal.getsignal(signal.SIGTERM) if multi_process else
+                        signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)))
 
     end_step = min(total_steps, config.train.stop_at or total_steps)
     losses: list[float] = []
@@ -200,10 +236,13 @@ def train(config, workdir: str) -> TrainResult:
             if pending is not None:
                 finish_step(pending)
             pending = (step, metrics, {"data/skipped_total": skipped_total})
+            if multi_process and checkpointer.reached_preemption(step):
+                preempted["flag"] = True
             timer.step()
             if step == start_step + 1:
                 timer.reset()  # the first step includes compilation
                 logging.info("first step (compile + run) took %.1f s", time.perf_counter() - loop_start)
+            evaluators_lib.run_due(evaluators, step, state["ema"], writer, timer)  # those with step % every == 0
             if step % config.train.checkpoint_every == 0 or step == end_step or preempted["flag"]:
                 finish_step(pending)  # never checkpoint a state whose loss is not finite
                 pending = None
@@ -217,7 +256,8 @@ def train(config, workdir: str) -> TrainResult:
         if pending is not None:
             finish_step(pending)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if not multi_process:
+            signal.signal(signal.SIGTERM, previous_handler)
         checkpointer.close()
         writer.close()
         close = getattr(data_iter, "close", None)

@@ -217,6 +217,20 @@ def test_processes_see_disjoint_records_covering_everything():
     assert sorted(seen[0] + seen[1]) == list(range(16))
 
 
+def test_global_batch_is_independent_of_the_process_count():
+    """Process p holds global clips p, p+P, ...: with their masks, P processes feed exactly the clips and masks
+    one process would (in another row order), so a run's losses do not depend on how many hosts feed it."""
+    c = small_config()
+    srcs = {"w": episodes(16, label=None)}
+    c = with_sources(c, srcs)
+    whole = take(pipeline.build_pipeline(c, process_index=0, process_count=1, sources=srcs), 3)
+    parts = [take(pipeline.build_pipeline(c, process_index=p, process_count=2, sources=srcs), 3) for p in range(2)]
+    for i, full in enumerate(whole):
+        for p in range(2):
+            for key in ("video", "label", "short/context_idx", "short/target_idx", "long/target_idx"):
+                np.testing.assert_array_equal(parts[p][i][key], full[key][p::2], err_msg=key)
+
+
 def test_mixture_frequencies_follow_weights():
     c = small_config(num_frames=2, frame_step=1, hflip=False)
     c.train.global_batch_size = 20

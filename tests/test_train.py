@@ -11,43 +11,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import QUICKSTART, REPO
 
 from jepa import checkpoint as ckpt_lib
+from jepa import sharding
 from jepa import train as train_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
-
-
-def load_config(arg="tiny"):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import quickstart
-    finally:
-        sys.path.pop(0)
-    return quickstart.get_config(arg)
-
-
-@pytest.fixture(scope="session")
-def world_dir(tmp_path_factory):
-    """The tiny world dataset, generated once for the whole session."""
-    from jepa.data import world
-    data_dir = str(tmp_path_factory.mktemp("world"))
-    world.prepare_world(data_dir, preset="tiny")
-    return data_dir
-
-
-@pytest.fixture(scope="session")
-def jax_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture
-def tiny_config(world_dir, jax_cache):
-    c = load_config("tiny")
-    c.data.sources.world.data_dir = world_dir
-    c.train.compilation_cache = jax_cache
-    return c
 
 
 def run_cli(*args, timeout=600):
@@ -107,19 +75,7 @@ def params_of(workdir, config):
 
 
 def abstract_state_for(config):
-    """The abstract train state the trainer builds, rebuilt the same way for loading."""
-    from jepa import models, optim
-    from jepa.objectives.vjepa import VJEPA
-    enc = config.model.encoder
-    grid = models.token_grid(config.data.num_frames, config.data.resolution, enc.patch_size, enc.tubelet_size)
-    objective = VJEPA.from_config(config, grid)
-    tx = optim.make_optimizer(config.optim, config.train.total_steps)
-
-    def init_state(rng):
-        params = objective.init(rng, config, grid)
-        return {"params": params, "ema": params["encoder"], "opt": tx.init(params),
-                "step": jax.numpy.zeros((), jax.numpy.int32)}
-    return jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    return train_lib.build_run(config, sharding.make_mesh(config.mesh)).abstract_state
 
 
 def test_resume_continues_exactly(tmp_path, tiny_config):

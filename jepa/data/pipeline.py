@@ -364,11 +364,14 @@ def mask_lengths(config) -> dict:
 
 
 class _BatchMasks:
-    """Adds multi-block masks to a batch, drawn from (seed, process, batch position) only: restores are exact."""
+    """Adds multi-block masks to a batch, drawn from (seed, batch position) only: restores are exact.
 
-    def __init__(self, grid, specs, length_quantile: float, seed: int, process_index: int):
+    Every process draws the masks of the whole global batch and keeps the rows of its own clips (process p
+    holds global clips p, p + P, p + 2P, ...), so a clip gets the same mask whatever the process count."""
+
+    def __init__(self, grid, specs, length_quantile: float, seed: int, process_index: int, process_count: int):
         self.grid, self.specs, self.q = tuple(grid), list(specs), float(length_quantile)
-        self.seed, self.process_index = int(seed), int(process_index)
+        self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
         self._masker = None
 
     def __getstate__(self):
@@ -382,9 +385,10 @@ class _BatchMasks:
         return self._masker
 
     def __call__(self, batch_index: int, batch: dict) -> dict:
-        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0x6D61736B, self.process_index, int(batch_index)])
-        batch_size = int(np.shape(batch["video"])[0])
-        batch.update(self.masker()(batch_size, rng))
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0x6D61736B, int(batch_index)])
+        local_size = int(np.shape(batch["video"])[0])
+        drawn = self.masker()(local_size * self.process_count, rng)
+        batch.update({k: v[self.process_index::self.process_count] for k, v in drawn.items()})
         return batch
 
 
@@ -472,7 +476,8 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
         ds = ds.batch(batch_size, drop_remainder=False)
     if masks:
         ds = ds.map_with_index(_BatchMasks(token_grid(config), mask_specs(config),
-                                           float(config.mask.get("length_quantile", 0.1)), seed, process_index))
+                                           float(config.mask.get("length_quantile", 0.1)), seed, process_index,
+                                           process_count))
     buffer = max(1, int(config.data.get("prefetch_buffer", 2)))
     workers = int(config.data.get("num_workers", 0))
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=buffer if workers == 0 else 1,

@@ -1,0 +1,155 @@
+"""Ahead-of-time compilation of the real train step for a config and mesh, without running it: per-device
+parameter / train-state / temporary bytes from XLA's memory analysis, and analytic TFLOP/s + MFU for a
+measured or assumed step time against the nominal peaks in jepa.metrics (H100, H200, A100, TPU v4/v5e/v5p).
+
+    python benchmarks/scale_bench.py --config=configs/quickstart.py:tiny --devices=8 --mesh=1,8,1
+    python benchmarks/scale_bench.py --config=configs/vjepa2_vitl16.py --devices=8 --mesh=1,8,1 \
+        --batch=64 --step_time=1.9 --device_kind=H100
+    python benchmarks/scale_bench.py ... --set model.remat=full --set optim.grad_accum_steps=2 --verbose
+
+--devices N simulates N CPU devices (XLA_FLAGS, set before jax is imported); on an accelerator host leave it 0 to
+compile for the real devices (the numbers are then the accelerator's). The step is jepa.train.build_run's,
+lowered from ShapeDtypeStructs (no parameters are initialised, no data is read). CPU memory analysis is indicative
+of the sharded layout (state bytes are exact; temp bytes depend on the backend's fusion and scheduling).
+Throughput of a real CPU step: benchmarks/step_bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="path.py[:arg]")
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor (-1 fills)")
+    p.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0: the real ones)")
+    p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override (repeatable)")
+    p.add_argument("--step_time", type=float, default=0.0, help="measured or assumed seconds per step")
+    p.add_argument("--device_kind", default="", help="peak table key for MFU, e.g. H100, H200, A100, 'TPU v5p'")
+    p.add_argument("--verbose", action="store_true", help="print every state array's sharding")
+    return p.parse_args(argv)
+
+
+def load_config(spec: str):
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def apply_override(config, item: str):
+    import ast
+    field, _, value = item.partition("=")
+    *parents, leaf = field.removeprefix("config.").split(".")
+    node = config
+    for name in parents:
+        node = node[name]
+    if leaf not in node:
+        raise ValueError(f"--set {item}: config has no field {field!r}")
+    old = node[leaf]
+    try:
+        new = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        new = value
+    node[leaf] = type(old)(new) if isinstance(old, (int, float, str)) and not isinstance(old, bool) else new
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:8.3f} GiB" if n >= 2**30 else f"{n / 2**20:8.3f} MiB"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}")
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    import numpy as np
+
+    from jepa import config as config_lib
+    from jepa import metrics as metrics_lib
+    from jepa import sharding
+    from jepa import train as train_lib
+    from jepa.data import pipeline
+
+    config = load_config(args.config)
+    for item in args.set:
+        apply_override(config, item)
+    if args.batch:
+        config.train.global_batch_size = args.batch
+    config.mesh = dict(zip(sharding.AXES, (int(x) for x in args.mesh.split(",")), strict=True))
+    config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh)
+    run = train_lib.build_run(config, mesh)
+
+    # Abstract batch: the pipeline's field shapes (uint8 video, int32 index lists), sharded over the batch axes.
+    b = config.train.global_batch_size
+    r, t = config.data.resolution, config.data.num_frames
+    batch = {"video": jax.ShapeDtypeStruct((b, t, r, r, 3), np.uint8, sharding=sharding.batch_sharding(mesh))}
+    for name, (n_ctx, n_tgt) in pipeline.mask_lengths(config).items():
+        batch[f"{name}/context_idx"] = jax.ShapeDtypeStruct((b, n_ctx), np.int32,
+                                                            sharding=sharding.batch_sharding(mesh))
+        batch[f"{name}/target_idx"] = jax.ShapeDtypeStruct((b, n_tgt), np.int32,
+                                                           sharding=sharding.batch_sharding(mesh))
+    batch = {k: batch[k] for k in train_lib.data_keys(config)}
+
+    import time
+    start = time.perf_counter()
+    lowered = run.train_step.lower(run.abstract_state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+
+    params = run.abstract_state["params"]
+    param_shardings = run.state_shardings["params"]
+    full_state = sharding.replicated_bytes(run.abstract_state)
+    state_dev = sharding.bytes_per_device(run.abstract_state, run.state_shardings)
+    params_dev = sharding.bytes_per_device(params, param_shardings)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    print(f"config {args.config} {' '.join(args.set)} | global batch {b} | mesh {dict(mesh.shape)} on "
+          f"{mesh.size} x {jax.devices()[0].device_kind}")
+    print(f"parameters          {n_params / 1e6:10.2f} M")
+    print(f"params per device   {gib(params_dev)}   (replicated {gib(sharding.replicated_bytes(params))})")
+    print(f"state per device    {gib(state_dev)}   (params + EMA + Adam; replicated {gib(full_state)}, "
+          f"ratio {state_dev / full_state:.3f})")
+    if mem is not None:
+        print(f"XLA argument bytes  {gib(mem.argument_size_in_bytes)}   output {gib(mem.output_size_in_bytes)}   "
+              f"alias {gib(mem.alias_size_in_bytes)}")
+        print(f"XLA temp bytes      {gib(mem.temp_size_in_bytes)}   generated code "
+              f"{mem.generated_code_size_in_bytes / 2**20:.1f} MiB")
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+        print(f"peak per device    ~{gib(peak)}   (arguments + outputs - donated + temp)")
+    print(f"compile time        {compile_s:10.1f} s")
+    if args.verbose:
+        print(sharding.describe(run.abstract_state, run.state_shardings))
+
+    flops = train_lib.training_flops(config, run.grid)
+    print(f"model FLOPs/step    {flops:10.4g}  ({flops / mesh.size:.4g} per device)")
+    if args.step_time > 0:
+        kind = args.device_kind or jax.devices()[0].device_kind
+        peak_flops = metrics_lib.nominal_peak_flops(kind)
+        achieved = flops / args.step_time / mesh.size
+        print(f"step time {args.step_time:.3f} s -> {achieved / 1e12:.2f} TFLOP/s per device, "
+              f"{b / args.step_time:.1f} clips/s")
+        if peak_flops:
+            print(f"MFU vs {kind} nominal bf16 peak {peak_flops / 1e12:.0f} TFLOP/s: "
+                  f"{metrics_lib.mfu(flops, args.step_time, peak_flops * mesh.size):.1%}")
+        else:
+            print(f"no nominal peak for {kind!r} (table: {', '.join(metrics_lib.NOMINAL_PEAK_FLOPS)})")
+    else:
+        print("(give --step_time [--device_kind] for TFLOP/s and MFU)")
+        for kind in ("H100", "H200", "A100", "TPU v4", "TPU v5e", "TPU v5p"):
+            peak_flops = metrics_lib.nominal_peak_flops(kind)
+            print(f"  at 50% MFU on {kind:8s}: {flops / (0.5 * peak_flops * mesh.size):8.3f} s/step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,713 @@
+"""Embed every clip of a dataset split with a trained run's frozen encoder and write the features to disk.
+
+    python -m jepa.export --workdir=RUN --split=validation --output=DIR [--step=N] [--encoder=ema|online]
+        [--features=pooled,patches] [--layers=-1] [--batch_size=32] [--shard_size=512]
+        [--config.data.eval_mode=uniform --config.data.num_segments=4 ...]   # overrides of the run's config
+
+Why a separate program: probes, kNN and notebooks then work from fixed features, and a long export (a big
+dataset, a big encoder) survives interruption. Features are written per process in shards of `shard_size`
+rows (.npy, allow_pickle=False) listed in a per-process manifest with each file's size and sha256; a restart
+verifies the manifest, skips finished shards (the data iterator jumps straight to the first missing batch) and
+recomputes anything missing or damaged. When every process is done, process 0 writes `index.jsonl` (one line per
+row: clip id, source, record index, segment, label, path, frame indices) and `summary.json` (counts, effective
+rank and per-dimension std of the pooled embeddings, and a collapse warning).
+
+Rows are (clip, window) pairs: with `--config.data.eval_mode=uniform --config.data.num_segments=K` a long video
+gives K windows that share one clip id (probes average their predictions). Padding elements of the evaluation
+pipeline and clips that could not be decoded (substituted by the pipeline) are left out.
+
+Layers: `--layers=-1` (default) is the encoder output; other values are block indices (0-based, negative from
+the end) whose residual streams pass through the encoder's final LayerNorm, concatenated along the features.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jepa import checkpoint as ckpt_lib
+from jepa import config as config_lib
+from jepa import metrics as metrics_lib
+from jepa import models, sharding
+from jepa.data import pipeline
+from jepa.objectives.vjepa import VJEPA, normalize_video
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("pooled", "patches")
+TARGET_FIELDS = ("label", "domain", "states", "actions", "segment")
+# Config fields whose sub-dicts are keyed by user-chosen names: taken whole from the run, never merged.
+_NAMED_DICTS = ("data.sources", "mask.types", "evals")
+FORMAT_VERSION = 1
+_QUIET = logging.getLogger("jepa.export.monitor")  # CollapseMonitor's own warning: reported once, by export()
+_QUIET.disabled = True
+
+
+# ---------------------------------------------------------------- the run's config
+
+
+def _merge(base: ml_collections.ConfigDict, saved: dict, prefix: str = "") -> None:
+    """Saved JSON values onto the current defaults: fields added since the run keep their defaults, JSON lists
+    become tuples where the default is a tuple, and name-keyed dicts (sources, mask types) are replaced whole."""
+    for key, value in saved.items():
+        path = f"{prefix}{key}"
+        current = base.get(key) if key in base else None
+        if path in _NAMED_DICTS or not isinstance(current, ml_collections.ConfigDict):
+            if isinstance(value, dict):
+                value = ml_collections.ConfigDict(value)
+            elif isinstance(value, list) and isinstance(current, tuple):
+                value = tuple(value)
+            if key in base and current is not None and not isinstance(value, type(current)) and \
+                    isinstance(current, (int, float)) and isinstance(value, (int, float)):
+                value = type(current)(value)
+            with base.ignore_type():
+                base[key] = value
+        elif isinstance(value, dict):
+            _merge(current, value, path + ".")
+        else:
+            raise ValueError(f"config.json: field {path} is {value!r}, expected a dict")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config from WORKDIR/config.json, merged onto today's base_config (old runs keep working)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--workdir={workdir}: no config.json (is it a jepa.train workdir?)")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+    config = config_lib.base_config()
+    _merge(config, saved)
+    return config
+
+
+def _parse_value(raw: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if isinstance(current, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    if isinstance(current, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """`--config.a.b=value` strings (or `a.b=value`) onto the config; unknown fields raise ValueError."""
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        text = text[len("config."):] if text.startswith("config.") else text
+        if "=" not in text:
+            raise ValueError(f"config override {item!r}: expected --config.FIELD=VALUE")
+        field, raw = text.split("=", 1)
+        *parents, leaf = field.split(".")
+        node = config
+        for i, name in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise ValueError(f"config override {item!r}: config.{'.'.join(parents[:i + 1])} does not exist")
+            node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise ValueError(f"config override {item!r}: config.{field} does not exist")
+        try:
+            value = _parse_value(raw, node[leaf])
+        except ValueError as e:
+            raise ValueError(f"config override {item!r}: {e}") from None
+        with node.ignore_type():
+            node[leaf] = value
+    config_lib.validate(config)
+    return config
+
+
+def with_split(config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
+    """A copy of the config whose world/TFDS sources read `split` (manifest sources have no splits)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for source in config.data.sources.values():
+        if source.kind in ("world", "tfds"):
+            source.split = split
+    return config
+
+
+# ---------------------------------------------------------------- the encoder
+
+
+def token_grid(config) -> tuple[int, int, int]:
+    enc = config.model.encoder
+    return models.token_grid(int(config.data.num_frames), int(config.data.resolution), int(enc.patch_size),
+                             int(enc.tubelet_size))
+
+
+def objective_for(config) -> VJEPA:
+    return VJEPA.from_config(config, token_grid(config))
+
+
+def random_encoder_params(config) -> Any:
+    """Encoder parameters exactly as the trainer initialises them (same config, same seed): the baseline."""
+    objective = objective_for(config)
+    return jax.jit(lambda rng: objective.init(rng, config, token_grid(config))["encoder"])(
+        jax.random.PRNGKey(int(config.seed)))
+
+
+def _abstract_from_metadata(workdir: str, step: int, mesh) -> Any:
+    """The saved state's tree (shapes, dtypes) read from the checkpoint itself, laid out replicated on `mesh`:
+    loading does not depend on rebuilding the trainer's optimiser state."""
+    import orbax.checkpoint as ocp
+    path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "state")
+    meta = ocp.StandardCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), tree)
+
+
+def load_encoder_params(workdir: str, config, *, step: int | None = None, encoder: str = "ema",
+                        mesh=None) -> tuple[Any, int]:
+    """(encoder params, step) from the run's Orbax checkpoint: the EMA target encoder or the online encoder."""
+    if encoder not in ("ema", "online"):
+        raise ValueError(f"--encoder: {encoder!r} is not one of 'ema', 'online'")
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir))
+    steps = manager.all_steps()
+    manager.close()
+    if not steps:
+        raise FileNotFoundError(f"--workdir={workdir}: no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ValueError(f"--step={step}: no such checkpoint in {workdir} (have {sorted(steps)})")
+    mesh = mesh if mesh is not None else export_mesh()
+    state, step = ckpt_lib.load_state(workdir, _abstract_from_metadata(workdir, step, mesh), step)
+    params = state["ema"] if encoder == "ema" else state["params"]["encoder"]
+    expected = jax.eval_shape(lambda: random_encoder_params(config))
+    got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
+    want = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), expected)
+    if got != want:
+        raise ValueError(f"checkpoint {workdir} step {step}: encoder parameters do not match the config "
+                         f"(config.model was changed by an override?)")
+    return params, int(step)
+
+
+def export_mesh():
+    """All devices on the batch axis (inference needs no parameter sharding at these sizes)."""
+    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+
+
+def resolve_layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
+    if not layers:
+        return (depth - 1,)
+    out = []
+    for layer in layers:
+        i = int(layer) + depth if int(layer) < 0 else int(layer)
+        if not 0 <= i < depth:
+            raise ValueError(f"--layers: {layer} is out of range for an encoder of depth {depth}")
+        out.append(i)
+    if len(set(out)) != len(out):
+        raise ValueError(f"--layers: {list(layers)} names a block twice")
+    return tuple(sorted(out))
+
+
+def encode_layers(objective: VJEPA, params: Any, video: jax.Array, layers: Sequence[int]) -> jax.Array:
+    """Features [B, L, len(layers) * width]: the output of each listed block after the encoder's final
+    LayerNorm, concatenated; the last block alone is exactly `objective.encode` (one forward either way)."""
+    from flax import nnx
+
+    from jepa.models import layers as layers_lib
+    from jepa.models import rope as rope_lib
+    from jepa.models import vit
+
+    enc = nnx.merge(objective.encoder_def, nnx.State(params))
+    if tuple(layers) == (enc.depth - 1,):
+        return objective.encode(params, video)
+    grid = enc.grid(video.shape)
+    x = vit.patchify(video, enc.patch_size, enc.tubelet_size)
+    x = layers_lib.dense(x, enc.patch_kernel[...].reshape(-1, enc.width), enc.patch_bias[...], enc.dtype)
+    tables = rope_lib.rope_tables(grid, enc.width // enc.heads, enc.rope_layout)
+    b = enc.blocks
+    outputs, start = [], 0
+    for layer in layers:
+        n = layer + 1 - start
+        seg_def = nnx.graphdef(nnx.eval_shape(lambda n=n: layers_lib.Blocks(
+            width=b.width, depth=n, heads=b.heads, mlp_dim=b.mlp_dim, dtype=b.dtype, remat=b.remat, scan=b.scan,
+            attention_impl=b.attention_impl, rngs=nnx.Rngs(0))))
+        seg_params = {name: getattr(b, name)[...][start:layer + 1] for name in layers_lib.Blocks.PARAM_NAMES}
+        x = nnx.merge(seg_def, nnx.State(seg_params))(x, tables, None)
+        outputs.append(layers_lib.layer_norm(x, enc.norm_scale[...], enc.norm_bias[...], jnp.float32))
+        start = layer + 1
+    return jnp.concatenate(outputs, axis=-1)
+
+
+def make_embed_fn(objective: VJEPA, layers: Sequence[int], features: Sequence[str], mesh):
+    """jit(params, uint8 video [B, T, H, W, 3]) -> {"pooled": [B, D], "patches": [B, L, D]} sharded over the
+    batch axes of `mesh` (parameters replicated)."""
+    features = tuple(features)
+
+    def embed(params, video):
+        tokens = encode_layers(objective, params, normalize_video(video), layers).astype(jnp.float32)
+        out = {"pooled": tokens.mean(axis=1)}
+        if "patches" in features:
+            out["patches"] = tokens
+        return out
+
+    # Parameters keep whatever layout they have (replicated from a checkpoint, FSDP-sharded in the trainer).
+    return jax.jit(embed, out_shardings=sharding.batch_sharding(mesh))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global order (= its local batch order)."""
+    shards = {}
+    for s in x.addressable_shards:
+        start = s.index[0].start or 0
+        shards.setdefault(start, s.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
+# ---------------------------------------------------------------- batches and row metadata
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one process embeds: sources, batch geometry and how many batches it yields."""
+    config: ml_collections.ConfigDict
+    names: list[str]
+    sources: list[Any]
+    batch_size: int               # global
+    local_batch: int
+    num_batches: int              # per process
+    num_elements: int             # records x segments, all processes
+
+
+def make_plan(config, batch_size: int, process_index: int, process_count: int) -> Plan:
+    if batch_size < 1:
+        raise ValueError(f"--batch_size: must be >= 1, got {batch_size}")
+    multiple = math.lcm(jax.device_count(), process_count)
+    batch_size = int(math.ceil(batch_size / multiple) * multiple)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.train.global_batch_size = batch_size
+    config.data.num_workers = min(int(config.data.num_workers), 2)
+    names = sorted(config.data.sources.keys())
+    sources = [pipeline.LazySource(config.data.sources[n], opened=pipeline.open_source(config.data.sources[n]))
+               for n in names]
+    total = sum(len(s) for s in sources) * int(config.data.num_segments)
+    if total == 0:
+        raise ValueError("the configured data sources have no records for this split")
+    local = batch_size // process_count
+    per_process = math.ceil(total / process_count)
+    return Plan(config=config, names=names, sources=sources, batch_size=batch_size, local_batch=local,
+                num_batches=math.ceil(per_process / local), num_elements=total)
+
+
+class RowInfo:
+    """Per-row metadata the batch does not carry: the record's path, the window's frame indices, and for world
+    episodes num_qpos / state_dim (what separates positions from velocities in `states`)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.maker = pipeline.ClipMaker(plan.names, plan.sources, pipeline.clip_settings(plan.config), train=False,
+                                        world=False, seed=int(plan.config.seed))
+        self._cache: dict[tuple[int, int], dict] = {}
+
+    def __call__(self, sid: int, index: int, segment: int, label: int) -> dict:
+        key = (sid, index)
+        if key not in self._cache:
+            self._cache.clear()  # segments of one record are consecutive
+            record = self.plan.sources[sid][index]
+            path = record.get("path", "") if hasattr(record, "get") else ""
+            if isinstance(path, bytes):
+                path = path.decode("utf-8", "replace")
+            info = {"path": str(path or "")}
+            for field in ("num_qpos", "state_dim", "seed"):
+                if field in record:
+                    info[field] = int(np.asarray(record[field]))
+            info["_record"] = record
+            self._cache[key] = info
+        info = dict(self._cache[key])
+        record = info.pop("_record")
+        try:
+            frames = self.maker.frame_indices(record, None, segment)
+            info["frame_indices"] = [int(f) for f in np.asarray(frames)]
+        except Exception as e:  # noqa: BLE001 - metadata only; the clip itself decoded in the pipeline
+            log.warning("frame indices of %s[%d] unavailable: %s", self.plan.names[sid], index, e)
+            info["frame_indices"] = []
+        name = self.plan.names[sid]
+        return {"clip_id": f"{name}/{index}", "source": name, "index": int(index), "segment": int(segment),
+                "label": int(label), **info}
+
+
+def iter_embeddings(plan: Plan, embed_fn, params, mesh, *, process_index: int, process_count: int,
+                    start_batch: int = 0, progress: bool = True, desc: str = "embed") -> Iterator[dict]:
+    """Yields, per batch of this process, {"batch": i, "pooled", ["patches"], targets..., "rows": [metadata]}
+    with padding and substituted clips removed."""
+    from tqdm.auto import tqdm
+
+    ds = pipeline.build_pipeline(plan.config, process_index=process_index, process_count=process_count,
+                                 train=False, masks=False, sources=dict(zip(plan.names, plan.sources)))
+    it = iter(ds)
+    if start_batch:
+        it.set_state({"next_index": int(start_batch)})
+    info = RowInfo(plan)
+    bar = tqdm(total=plan.num_batches, initial=start_batch, desc=desc, unit="batch", file=sys.stderr,
+               disable=not progress or process_index != 0)
+    try:
+        for i in range(start_batch, plan.num_batches):
+            batch = next(it)
+            video = sharding.global_batch({"video": batch["video"]}, mesh)["video"]
+            out = {k: local_rows(v) for k, v in embed_fn(params, video).items()}
+            keep = np.asarray(batch["valid"], bool)
+            rec = {k: v[keep] for k, v in out.items()}
+            for field in TARGET_FIELDS:
+                if field in batch:
+                    rec[field] = np.asarray(batch[field])[keep]
+            rec["rows"] = [info(int(s), int(j), int(g), int(lab)) for s, j, g, lab in
+                           zip(np.asarray(batch["source"])[keep], np.asarray(batch["index"])[keep],
+                               np.asarray(batch["segment"])[keep], np.asarray(batch["label"])[keep])]
+            rec["batch"] = i
+            bar.update(1)
+            yield rec
+    finally:
+        bar.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+# ---------------------------------------------------------------- in-memory features
+
+
+@dataclasses.dataclass
+class Features:
+    """Embeddings of one split: arrays share the row order of `rows` (one dict per clip window)."""
+    pooled: np.ndarray                      # [N, D]
+    patches: np.ndarray | None              # [N, L, D] or None
+    targets: dict[str, np.ndarray]          # label [N], and for world data domain [N], states [N, T, S], ...
+    rows: list[dict]
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def clip_ids(self) -> list[str]:
+        return [r["clip_id"] for r in self.rows]
+
+
+def _concat(records: list[dict], meta: dict) -> Features:
+    if not records or sum(len(r["rows"]) for r in records) == 0:
+        raise ValueError(f"no valid clips were embedded ({meta.get('split', '?')} split)")
+    cat = lambda k: np.concatenate([r[k] for r in records], axis=0)
+    targets = {k: cat(k) for k in TARGET_FIELDS if k in records[0]}
+    rows = [row for r in records for row in r["rows"]]
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["source"], rows[i]["index"], rows[i]["segment"]))
+    take = lambda a: a[np.asarray(order)] if a is not None else None
+    return Features(pooled=take(cat("pooled")), patches=take(cat("patches")) if "patches" in records[0] else None,
+                    targets={k: take(v) for k, v in targets.items()}, rows=[rows[i] for i in order], meta=meta)
+
+
+def embed_split(config, params, split: str, *, features: Sequence[str] = ("pooled",), layers=None,
+                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0,
+                overrides: Sequence[str] = ()) -> Features:
+    """Embed one split in memory (probes on the fly, evaluators, notebooks). max_clips > 0 keeps the first
+    records of the split only (all their segments)."""
+    features = _check_features(features)
+    config = apply_overrides(with_split(config, split), overrides)
+    mesh = mesh if mesh is not None else export_mesh()
+    objective = objective_for(config)
+    layer_ids = resolve_layers(layers, models.resolved_dims(config.model)["encoder"]["depth"])
+    embed_fn = make_embed_fn(objective, layer_ids, features, mesh)
+    pi, pc = jax.process_index(), jax.process_count()
+    plan = make_plan(config, batch_size, pi, pc)
+    if max_clips > 0:
+        plan.sources = [_Head(s, max_clips) for s in plan.sources]
+        total = sum(len(s) for s in plan.sources) * int(plan.config.data.num_segments)
+        plan.num_elements = total
+        plan.num_batches = math.ceil(math.ceil(total / pc) / plan.local_batch)
+    records = list(iter_embeddings(plan, embed_fn, params, mesh, process_index=pi, process_count=pc,
+                                   progress=progress, desc=f"embed {split}"))
+    if pc > 1:
+        raise NotImplementedError("in-memory embedding gathers one process's rows only; use the export CLI")
+    return _concat(records, _meta(plan.config, split, layer_ids, features))
+
+
+class _Head:
+    """The first n records of a source."""
+
+    def __init__(self, source, n: int):
+        self.source, self.n = source, min(int(n), len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return self.source[index]
+
+
+def _check_features(features) -> tuple[str, ...]:
+    features = tuple(features)
+    bad = [f for f in features if f not in FEATURES]
+    if bad or "pooled" not in features:
+        raise ValueError(f"--features: {','.join(features)!r} must list 'pooled' and optionally 'patches' "
+                         f"(unknown: {bad})")
+    return features
+
+
+def _meta(config, split: str, layers, features) -> dict:
+    dims = models.resolved_dims(config.model)["encoder"]
+    return {"split": split, "layers": list(layers), "features": list(features), "width": dims["width"],
+            "depth": dims["depth"], "grid": list(token_grid(config)), "num_frames": int(config.data.num_frames),
+            "resolution": int(config.data.resolution), "eval_mode": str(config.data.eval_mode),
+            "num_segments": int(config.data.num_segments)}
+
+
+# ---------------------------------------------------------------- files: shards, manifests, resume
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+    _atomic_write(path, write)
+
+
+def _save_json(path: str, obj: Any, lines: bool = False) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            if lines:
+                for row in obj:
+                    f.write(json.dumps(row) + "\n")
+            else:
+                json.dump(obj, f, indent=2)
+    _atomic_write(path, write)
+
+
+def manifest_path(output: str, process_index: int) -> str:
+    return os.path.join(output, f"manifest-p{process_index:03d}.json")
+
+
+def _read_manifest(output: str, process_index: int) -> dict | None:
+    path = manifest_path(output, process_index)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _verified_shards(output: str, manifest: dict) -> int:
+    """Number of leading shards whose files all exist with the recorded size and sha256."""
+    done = 0
+    for shard in manifest.get("shards", []):
+        for name, (size, digest) in shard["files"].items():
+            path = os.path.join(output, name)
+            if not os.path.exists(path) or os.path.getsize(path) != size or _sha256(path) != digest:
+                log.warning("export: shard file %s is missing or damaged; recomputing from shard %d", name, done)
+                return done
+        done += 1
+    return done
+
+
+def _write_shard(output: str, process_index: int, shard: int, records: list[dict]) -> dict:
+    prefix = f"p{process_index:03d}-s{shard:05d}"
+    files = {}
+    arrays = {k: np.concatenate([r[k] for r in records], axis=0) for k in records[0] if k not in ("rows", "batch")}
+    for key, array in arrays.items():
+        name = f"{prefix}.{key}.npy"
+        _save_npy(os.path.join(output, name), array)
+        files[name] = array
+    rows_name = f"{prefix}.rows.jsonl"
+    _save_json(os.path.join(output, rows_name), [row for r in records for row in r["rows"]], lines=True)
+    return {"shard": shard, "rows": int(arrays["pooled"].shape[0]), "arrays": sorted(arrays),
+            "files": {n: [os.path.getsize(os.path.join(output, n)), _sha256(os.path.join(output, n))]
+                      for n in [*files, rows_name]}}
+
+
+def export(workdir: str, output: str, *, split: str, step: int | None = None, encoder: str = "ema",
+           features: Sequence[str] = ("pooled",), layers: Sequence[int] | None = None, batch_size: int = 32,
+           shard_size: int = 512, overrides: Sequence[str] = (), random_init: bool = False, progress: bool = True,
+           stop_after_shards: int = 0) -> dict:
+    """Writes (or finishes) the export of one split to `output`; returns the summary (process 0) or {}.
+
+    stop_after_shards > 0 returns after writing that many new shards (an interruption, for tests)."""
+    features = _check_features(features)
+    if shard_size < 1:
+        raise ValueError(f"--shard_size: must be >= 1, got {shard_size}")
+    config = apply_overrides(with_split(load_run_config(workdir), split), overrides)
+    mesh = export_mesh()
+    if random_init:
+        params, step = random_encoder_params(config), 0
+    else:
+        params, step = load_encoder_params(workdir, config, step=step, encoder=encoder, mesh=mesh)
+    objective = objective_for(config)
+    layer_ids = resolve_layers(layers, models.resolved_dims(config.model)["encoder"]["depth"])
+    pi, pc = jax.process_index(), jax.process_count()
+    plan = make_plan(config, batch_size, pi, pc)
+    batches_per_shard = max(1, shard_size // plan.local_batch)
+    meta = _meta(plan.config, split, layer_ids, features)
+    fingerprint = {"format": FORMAT_VERSION, "workdir": os.path.abspath(workdir), "step": step,
+                   "encoder": "random" if random_init else encoder, "batch_size": plan.batch_size,
+                   "batches_per_shard": batches_per_shard, "process_count": pc, "data": plan.config.data.to_dict(),
+                   "model": plan.config.model.to_dict(), **meta}
+    fingerprint = json.loads(json.dumps(fingerprint))
+    os.makedirs(output, exist_ok=True)
+
+    manifest = _read_manifest(output, pi)
+    if manifest is not None and manifest["fingerprint"] != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(manifest["fingerprint"])
+                      if fingerprint.get(k) != manifest["fingerprint"].get(k))
+        raise ValueError(f"--output={output} holds a different export (differs in {diff}); "
+                         f"choose another directory or delete it")
+    if manifest is None:
+        manifest = {"fingerprint": fingerprint, "shards": [], "complete": False}
+    done = _verified_shards(output, manifest)
+    manifest["shards"] = manifest["shards"][:done]
+    num_shards = math.ceil(plan.num_batches / batches_per_shard)
+    if done < num_shards:
+        manifest["complete"] = False
+        if done:
+            log.info("export: resuming %s at shard %d/%d", output, done, num_shards)
+        embed_fn = make_embed_fn(objective, layer_ids, features, mesh)
+        pending, written = [], 0
+        for rec in iter_embeddings(plan, embed_fn, params, mesh, process_index=pi, process_count=pc,
+                                   start_batch=done * batches_per_shard, progress=progress, desc=f"export {split}"):
+            pending.append(rec)
+            if (rec["batch"] + 1) % batches_per_shard == 0 or rec["batch"] + 1 == plan.num_batches:
+                shard = rec["batch"] // batches_per_shard
+                manifest["shards"].append(_write_shard(output, pi, shard, pending))
+                pending = []
+                _save_json(manifest_path(output, pi), manifest)
+                written += 1
+                if stop_after_shards and written >= stop_after_shards and shard + 1 < num_shards:
+                    return {}
+    manifest["complete"] = True
+    _save_json(manifest_path(output, pi), manifest)
+    if pc > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("jepa.export done")
+    if pi != 0:
+        return {}
+    feats = load_features(output)
+    _save_json(os.path.join(output, "index.jsonl"), [dict(row, row=i) for i, row in enumerate(feats.rows)],
+               lines=True)
+    summary = summarize(feats, collapse_rank=float(config.train.collapse_warn_rank))
+    summary.update(step=step, encoder=fingerprint["encoder"], workdir=os.path.abspath(workdir), split=split)
+    _save_json(os.path.join(output, "summary.json"), summary)
+    if summary["collapse_warning"]:
+        log.warning("export: %s", summary["collapse_warning"])
+    return summary
+
+
+def summarize(feats: Features, *, collapse_rank: float = 0.05, min_std: float = 0.1,
+              max_rows: int = 8192) -> dict:
+    """Counts and collapse diagnostics of the pooled embeddings (centred: a shared offset is not a direction)."""
+    x = np.asarray(feats.pooled, np.float32)
+    x = x[:: max(1, len(x) // max_rows)]
+    centred = x - x.mean(0, keepdims=True)
+    rank = float(metrics_lib.effective_rank(jnp.asarray(centred)))
+    std = float(metrics_lib.per_dim_std(jnp.asarray(x)))
+    dim = x.shape[1]
+    monitor = metrics_lib.CollapseMonitor(min_rank=collapse_rank * min(dim, len(x)), min_std=min_std,
+                                          logger=_QUIET)
+    messages = monitor.update(0, effective_rank=rank, std=std) if len(x) > 1 else []
+    return {"rows": len(feats), "clips": len(set(feats.clip_ids)), "dim": int(dim),
+            "patch_tokens": None if feats.patches is None else int(feats.patches.shape[1]),
+            "effective_rank": rank, "per_dim_std": std,
+            "raw_std": [float(v) for v in np.std(x, axis=0)],
+            "collapse_warning": "; ".join(messages) or None, **feats.meta}
+
+
+def load_features(output: str, *, mmap: bool = True) -> Features:
+    """Reads an export directory (all processes' finished shards; patches memory-mapped)."""
+    manifests = sorted(f for f in os.listdir(output) if f.startswith("manifest-p") and f.endswith(".json")) \
+        if os.path.isdir(output) else []
+    if not manifests:
+        raise FileNotFoundError(f"{output}: not an export directory (no manifest-p*.json)")
+    records, meta = [], None
+    for name in manifests:
+        with open(os.path.join(output, name), encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not manifest.get("complete"):
+            raise ValueError(f"{output}/{name}: the export is not finished; rerun the export command to resume")
+        fp = manifest["fingerprint"]
+        meta = {k: fp[k] for k in ("split", "layers", "features", "width", "depth", "grid", "num_frames",
+                                   "resolution", "eval_mode", "num_segments", "step", "encoder")}
+        for shard in manifest["shards"]:
+            prefix = name[len("manifest-"):-len(".json")] + f"-s{shard['shard']:05d}"
+            rec = {}
+            for key in shard["arrays"]:
+                path = os.path.join(output, f"{prefix}.{key}.npy")
+                rec[key] = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and key == "patches" else None)
+            with open(os.path.join(output, f"{prefix}.rows.jsonl"), encoding="utf-8") as f:
+                rec["rows"] = [json.loads(line) for line in f]
+            records.append(rec)
+    return _concat(records, meta)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    p = argparse.ArgumentParser(prog="python -m jepa.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="a jepa.train workdir (config.json + checkpoints)")
+    p.add_argument("--split", required=True, help="dataset split to embed, e.g. train, validation, test")
+    p.add_argument("--output", required=True, help="export directory (resumed when it holds a partial export)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--encoder", default="ema", choices=("ema", "online", "random"),
+                   help="EMA target encoder, online encoder, or random init (config seed) as a baseline")
+    p.add_argument("--features", default="pooled", help="comma list: pooled[,patches]")
+    p.add_argument("--layers", default="-1", help="comma list of block indices (negative from the end)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--shard_size", type=int, default=512, help="rows per shard file (per process)")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = export(args.workdir, args.output, split=args.split, step=args.step,
+                     encoder="ema" if args.encoder == "random" else args.encoder,
+                     random_init=args.encoder == "random", features=args.features.split(","),
+                     layers=[int(x) for x in args.layers.split(",") if x.strip()], batch_size=args.batch_size,
+                     shard_size=args.shard_size, overrides=overrides, progress=not args.no_progress)
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "raw_std"}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""Probes on frozen embeddings: attentive (patch tokens) and linear (pooled vectors), a learning-rate x
+weight-decay grid trained in parallel in one jitted program, chosen on validation, reported on test.
+
+    python -m jepa.probe --features=EXP_TRAIN --val_features=EXP_VAL --test_features=EXP_TEST \
+        --task=classification --target=label --probe=linear [--lrs=1e-3,3e-3 --wds=0.01,0.1]
+    python -m jepa.probe --workdir=RUN --task=regression --target=states --probe=attentive   # encode on the fly
+    python -m jepa.probe benchmark --workdir=RUN    # world dataset: domain accuracy and state R^2 vs random init
+
+Targets: `label` / `domain` (classification; predictions averaged over the windows of one clip id, i.e.
+multi-segment evaluation), `states` (every sampled frame) or `states[t]` (frame t of the window, e.g. states[-1])
+for regression. States (qpos then qvel, zero-padded) are normalised per domain and dimension with the training
+split's statistics; padding dimensions and constant ones are masked out. R^2 is computed per (domain, dimension)
+against the test set's own within-domain mean, then averaged, separately for positions and velocities.
+
+The attentive probe follows V-JEPA 2: `depth` pre-LN self-attention blocks over the patch tokens, one
+cross-attention block with a learned query per output head, then a linear layer. All grid members start from the
+same initialisation and see the same minibatches; only their learning rate and weight decay differ (jax.vmap).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jepa.models import layers as layers_lib
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+DEFAULT_WDS = (0.001, 0.01, 0.1, 0.4)
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass
+class Task:
+    """What a probe learns on one split: inputs, targets, masks and how rows group into clips."""
+    x: np.ndarray                 # [N, D] pooled or [N, L, D] patches
+    y: np.ndarray                 # [N] int classes, or [N, K] float normalised targets
+    mask: np.ndarray | None       # [N, K] valid regression outputs (None for classification)
+    groups: np.ndarray            # [N] clip index (rows of one clip share it)
+    domain: np.ndarray            # [N] (-1 when unknown)
+    part: np.ndarray | None       # [N, K] 0 = position, 1 = velocity (regression on states)
+
+
+def parse_target(target: str) -> tuple[str, int | None]:
+    m = re.fullmatch(r"(label|domain|states)(?:\[(-?\d+)\])?", target.strip())
+    if not m or (m.group(2) is not None and m.group(1) != "states"):
+        raise ValueError(f"--target: {target!r} is not one of label, domain, states, states[FRAME]")
+    return m.group(1), None if m.group(2) is None else int(m.group(2))
+
+
+def state_stats(feats, frame: int | None) -> dict:
+    """Per-domain mean/std of the states (training split) and which dimensions are real (not padding/constant)."""
+    states, domains = _states(feats, frame)
+    stats = {}
+    for d in np.unique(domains):
+        s = states[domains == d].reshape(-1, states.shape[-1])
+        mean, std = s.mean(0), s.std(0)
+        dims = _state_dims(feats, domains == d)
+        valid = (std > 1e-6) & (np.arange(states.shape[-1]) < dims[0])
+        stats[int(d)] = {"mean": mean, "std": np.where(valid, std, 1.0), "valid": valid, "num_qpos": dims[1]}
+    return stats
+
+
+def _states(feats, frame):
+    if "states" not in feats.targets or "domain" not in feats.targets:
+        raise ValueError("--target=states needs features of the world dataset (no 'states'/'domain' arrays)")
+    states = np.asarray(feats.targets["states"], np.float32)          # [N, T, S]
+    if frame is not None:
+        if not -states.shape[1] <= frame < states.shape[1]:
+            raise ValueError(f"--target: frame {frame} is out of range for windows of {states.shape[1]} frames")
+        states = states[:, frame:frame + 1 if frame != -1 else None]
+    return states, np.asarray(feats.targets["domain"])
+
+
+def _state_dims(feats, rows_mask) -> tuple[int, int]:
+    rows = [r for r, keep in zip(feats.rows, rows_mask) if keep]
+    if not rows or "state_dim" not in rows[0]:
+        raise ValueError("--target=states: the features' rows lack state_dim/num_qpos (export the world dataset)")
+    return int(rows[0]["state_dim"]), int(rows[0]["num_qpos"])
+
+
+def make_task(feats, kind: str, target: str, probe: str, stats: dict | None = None) -> Task:
+    """Inputs and targets of one split. Regression needs `stats` from the training split (state_stats)."""
+    name, frame = parse_target(target)
+    if probe == "attentive":
+        if feats.patches is None:
+            raise ValueError("--probe=attentive needs patch features (export with --features=pooled,patches)")
+        x = np.asarray(feats.patches, np.float32)
+    elif probe == "linear":
+        x = np.asarray(feats.pooled, np.float32)
+    else:
+        raise ValueError(f"--probe: {probe!r} is not one of attentive, linear")
+    ids = feats.clip_ids
+    lookup = {c: i for i, c in enumerate(dict.fromkeys(ids))}
+    groups = np.asarray([lookup[c] for c in ids], np.int32)
+    domain = np.asarray(feats.targets.get("domain", np.full(len(ids), -1)), np.int32)
+    if kind == "classification":
+        if name == "states":
+            raise ValueError("--task=classification needs --target=label or domain")
+        y = np.asarray(feats.targets[name] if name in feats.targets else feats.targets["label"], np.int32)
+        if name == "domain" and "domain" not in feats.targets:
+            raise ValueError("--target=domain: these features have no 'domain' (not the world dataset)")
+        keep = y >= 0
+        if not keep.any():
+            raise ValueError(f"--target={target}: no row has a label (all -1)")
+        return Task(x=x[keep], y=y[keep], mask=None, groups=groups[keep], domain=domain[keep], part=None)
+    if kind != "regression":
+        raise ValueError(f"--task: {kind!r} is not one of classification, regression")
+    if name != "states":
+        raise ValueError("--task=regression needs --target=states or states[FRAME]")
+    if stats is None:
+        raise ValueError("regression targets need the training split's state statistics")
+    states, domains = _states(feats, frame)
+    n, t, s = states.shape
+    y = np.zeros((n, t, s), np.float32)
+    mask = np.zeros((n, t, s), np.float32)
+    part = np.zeros((n, t, s), np.int32)
+    for i, d in enumerate(domains):
+        st = stats.get(int(d))
+        if st is None:
+            continue
+        y[i] = (states[i] - st["mean"]) / st["std"]
+        mask[i] = st["valid"]
+        part[i] = (np.arange(s) >= st["num_qpos"]).astype(np.int32)
+    return Task(x=x, y=y.reshape(n, -1), mask=mask.reshape(n, -1), groups=groups, domain=domain,
+                part=part.reshape(n, -1))
+
+
+# ---------------------------------------------------------------- probe models (pure functions of param dicts)
+
+
+def _dense_init(key, fan_in, fan_out):
+    return {"kernel": layers_lib.trunc_normal(key, (fan_in, fan_out)), "bias": jnp.zeros((fan_out,))}
+
+
+def _ln_init(width):
+    return {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}
+
+
+def _ln(x, p):
+    return layers_lib.layer_norm(x, p["scale"], p["bias"], jnp.float32)
+
+
+def _lin(x, p):
+    return layers_lib.dense(x, p["kernel"], p["bias"], jnp.float32)
+
+
+def _mha(q_in, kv_in, p, heads):
+    """Multi-head attention: q_in [B, Q, D], kv_in [B, N, D] -> [B, Q, D]."""
+    b, nq, d = q_in.shape
+    hd = d // heads
+    q = _lin(q_in, p["q"]).reshape(b, nq, heads, hd).transpose(0, 2, 1, 3) / math.sqrt(hd)
+    kv = _lin(kv_in, p["kv"]).reshape(b, kv_in.shape[1], 2, heads, hd).transpose(2, 0, 3, 1, 4)
+    o = layers_lib.attention(q, kv[0], kv[1])
+    return _lin(o.transpose(0, 2, 1, 3).reshape(b, nq, d), p["proj"])
+
+
+def _attn_init(key, width):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {"q": _dense_init(k1, width, width), "kv": _dense_init(k2, width, 2 * width),
+            "proj": _dense_init(k3, width, width)}
+
+
+def _mlp(x, p):
+    return _lin(layers_lib.gelu(_lin(x, p["fc1"])), p["fc2"])
+
+
+def _mlp_init(key, width, hidden):
+    k1, k2 = jax.random.split(key)
+    return {"fc1": _dense_init(k1, width, hidden), "fc2": _dense_init(k2, hidden, width)}
+
+
+def default_heads(width: int) -> int:
+    for heads in (16, 12, 8, 6, 4, 3, 2):
+        if width % heads == 0 and width // heads >= 16:
+            return heads
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeModel:
+    """Static description of a probe: `init(key) -> params`, `apply(params, x) -> [B, out]`."""
+    kind: str            # "linear" | "attentive"
+    width: int
+    out: int
+    depth: int = 1       # attentive: self-attention blocks before the cross-attention pooling
+    heads: int = 0       # 0 = default_heads(width)
+    num_queries: int = 1  # one learned query (and one linear head of size out/num_queries) per output head
+    mlp_ratio: float = 4.0
+
+    def init(self, key) -> dict:
+        k_head, k_blocks, k_cross, k_q = jax.random.split(key, 4)
+        if self.kind == "linear":
+            return {"head": _dense_init(k_head, self.width, self.out)}
+        if self.out % self.num_queries:
+            raise ValueError(f"probe outputs {self.out} are not divisible by num_queries={self.num_queries}")
+        hidden = int(self.width * self.mlp_ratio)
+        blocks = []
+        for k in jax.random.split(k_blocks, self.depth):
+            ka, km = jax.random.split(k)
+            blocks.append({"ln1": _ln_init(self.width), "attn": _attn_init(ka, self.width),
+                           "ln2": _ln_init(self.width), "mlp": _mlp_init(km, self.width, hidden)})
+        ka, km = jax.random.split(k_cross)
+        cross = {"query": layers_lib.trunc_normal(k_q, (self.num_queries, self.width)), "ln1": _ln_init(self.width),
+                 "attn": _attn_init(ka, self.width), "ln2": _ln_init(self.width),
+                 "mlp": _mlp_init(km, self.width, hidden)}
+        heads = jax.vmap(lambda k: _dense_init(k, self.width, self.out // self.num_queries))(
+            jax.random.split(k_head, self.num_queries))
+        return {"blocks": blocks, "cross": cross, "head": heads}
+
+    def apply(self, params: dict, x: jax.Array) -> jax.Array:
+        if self.kind == "linear":
+            return _lin(x, params["head"])
+        heads = self.heads or default_heads(self.width)
+        for p in params["blocks"]:
+            x = x + _mha(_ln(x, p["ln1"]), _ln(x, p["ln1"]), p["attn"], heads)
+            x = x + _mlp(_ln(x, p["ln2"]), p["mlp"])
+        c = params["cross"]
+        q = jnp.broadcast_to(c["query"], (x.shape[0], *c["query"].shape))
+        q = q + _mha(q, _ln(x, c["ln1"]), c["attn"], heads)       # the reference does not normalise the query
+        q = q + _mlp(_ln(q, c["ln2"]), c["mlp"])
+        out = jnp.einsum("bqd,qdo->bqo", q, params["head"]["kernel"]) + params["head"]["bias"]
+        return out.reshape(x.shape[0], self.out)
+
+
+def _decay_mask(params) -> Any:
+    """Weight decay on matrices only (kernels), not on biases, LayerNorm parameters or the query."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(k, "key", None) == "kernel" for k in path), params)
+
+
+# ---------------------------------------------------------------- the grid: one jitted program
+
+
+def _loss(model: ProbeModel, kind: str, params, x, y, mask):
+    out = model.apply(params, x)
+    if kind == "classification":
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
+    err = jnp.square(out - y) * mask
+    return jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> np.ndarray:
+    """[steps, batch] row indices: one fresh permutation per epoch, the same for every grid member."""
+    batch_size = min(batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    rng = np.random.default_rng(seed)
+    rows = [rng.permutation(n)[:steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+            for _ in range(epochs)]
+    return np.concatenate(rows, axis=0).astype(np.int32)
+
+
+def train_grid(model: ProbeModel, kind: str, x, y, mask, lrs: Sequence[float], wds: Sequence[float], *,
+               epochs: int = 20, batch_size: int = 64, warmup: float = 0.1, seed: int = 0):
+    """Trains len(lrs) x len(wds) probes in ONE jitted program (vmap over the grid, scan over steps).
+
+    AdamW (decoupled weight decay on kernels), linear warm-up then cosine decay. Returns (stacked params
+    [G, ...], the grid as a list of (lr, wd), final minibatch losses [G])."""
+    grid = [(float(lr), float(wd)) for lr in lrs for wd in wds]
+    if not grid:
+        raise ValueError("--lrs / --wds: the grid is empty")
+    schedule = jnp.asarray(batch_schedule(len(x), batch_size, epochs, seed))
+    steps = int(schedule.shape[0])
+    warm = max(1, int(warmup * steps))
+    adam = optax.scale_by_adam()
+    init = model.init(jax.random.PRNGKey(seed))
+    decay = _decay_mask(init)
+    g_lr = jnp.asarray([g[0] for g in grid], jnp.float32)
+    g_wd = jnp.asarray([g[1] for g in grid], jnp.float32)
+    mask = jnp.ones((len(x), 1), jnp.float32) if mask is None else jnp.asarray(mask)
+
+    def program(x, y, mask, g_lr, g_wd, schedule):
+        params = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(grid), *p.shape)), init)
+        opt = jax.vmap(adam.init)(params)
+
+        def step(carry, inputs):
+            params, opt = carry
+            i, rows = inputs
+            xb, yb, mb = x[rows], y[rows], mask[rows]
+            frac = jnp.where(i < warm, (i + 1) / warm,
+                             0.5 * (1 + jnp.cos(jnp.pi * (i - warm) / jnp.maximum(steps - warm, 1))))
+
+            def one(p, o, lr, wd):
+                loss, g = jax.value_and_grad(lambda p: _loss(model, kind, p, xb, yb, mb))(p)
+                u, o = adam.update(g, o, p)
+                p = jax.tree.map(lambda p_, u_, d: p_ - lr * frac * (u_ + jnp.where(d, wd, 0.0) * p_), p, u, decay)
+                return p, o, loss
+
+            params, opt, loss = jax.vmap(one)(params, opt, g_lr, g_wd)
+            return (params, opt), loss
+
+        (params, _), losses = jax.lax.scan(step, (params, opt), (jnp.arange(steps), schedule))
+        return params, losses[-1]
+
+    params, last = jax.jit(program)(jnp.asarray(x), jnp.asarray(y), mask, g_lr, g_wd, schedule)
+    return params, grid, np.asarray(last)
+
+
+def predict_grid(model: ProbeModel, params, x, chunk: int = 256) -> np.ndarray:
+    """[G, N, out] outputs of every grid member (jitted, in chunks of rows)."""
+    fn = jax.jit(jax.vmap(model.apply, in_axes=(0, None)))
+    outs = [np.asarray(fn(params, jnp.asarray(x[i:i + chunk]))) for i in range(0, len(x), chunk)]
+    return np.concatenate(outs, axis=1)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def group_mean(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Mean over rows of each group along axis -2 ([..., N, C] -> [..., num_groups, C])."""
+    num = int(groups.max()) + 1
+    onehot = np.zeros((num, len(groups)), np.float32)
+    onehot[groups, np.arange(len(groups))] = 1.0
+    return np.einsum("gn,...nc->...gc", onehot / onehot.sum(1, keepdims=True), values)
+
+
+def classification_metrics(logits: np.ndarray, task: Task) -> dict[str, np.ndarray]:
+    """Accuracy per grid member, per window and per clip (softmax probabilities averaged over a clip's windows)."""
+    z = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    clip_probs = group_mean(probs, task.groups)
+    clip_y = np.zeros(clip_probs.shape[-2], np.int64)
+    clip_y[task.groups] = task.y
+    return {"accuracy": (clip_probs.argmax(-1) == clip_y).mean(-1),
+            "window_accuracy": (probs.argmax(-1) == task.y).mean(-1)}
+
+
+def regression_metrics(pred: np.ndarray, task: Task) -> dict[str, np.ndarray]:
+    """R^2 per grid member, 1 - sum(SSE) / sum(SST) over the valid (domain, output) pairs, SST taken around the
+    split's own within-domain mean (predicting each domain's mean scores about 0): all outputs, positions only,
+    velocities only. Summing before dividing keeps near-constant outputs from dominating."""
+    pred = np.asarray(pred, np.float64)
+    g = pred.shape[0]
+    sse = {p: np.zeros(g) for p in (0, 1)}
+    sst = {p: 0.0 for p in (0, 1)}
+    for d in np.unique(task.domain):
+        rows = task.domain == d
+        if rows.sum() < 2:
+            continue
+        y, m, part = task.y[rows], task.mask[rows], task.part[rows]
+        valid = m.all(0)
+        for p in (0, 1):
+            cols = valid & (part[0] == p)
+            if not cols.any():
+                continue
+            yc = y[:, cols]
+            sst[p] += float(np.sum(np.square(yc - yc.mean(0))))
+            sse[p] += np.sum(np.square(pred[:, rows][:, :, cols] - yc[None]), axis=(1, 2))
+    if sst[0] + sst[1] <= 1e-12:
+        raise ValueError("regression: no output has variance in this split (too few rows per domain?)")
+    nan = np.full(g, np.nan)
+    r2 = lambda e, t: 1.0 - e / t if t > 1e-12 else nan
+    return {"r2": r2(sse[0] + sse[1], sst[0] + sst[1]), "r2_pos": r2(sse[0], sst[0]), "r2_vel": r2(sse[1], sst[1])}
+
+
+# ---------------------------------------------------------------- the whole probe
+
+
+def run_probe(train, val, test, *, task: str, target: str = "label", probe: str = "linear",
+              lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS, epochs: int = 20,
+              batch_size: int = 64, depth: int = 1, heads: int = 0, seed: int = 0) -> dict:
+    """Fit the grid on `train` features, choose on `val`, report on `test` (Features from jepa.export)."""
+    stats = state_stats(train, parse_target(target)[1]) if task == "regression" else None
+    tr = make_task(train, task, target, probe, stats)
+    va = make_task(val, task, target, probe, stats)
+    te = make_task(test, task, target, probe, stats)
+    if probe == "linear":  # standardise pooled features with the training split's statistics
+        mu, sd = tr.x.mean(0), tr.x.std(0) + 1e-6
+        for t in (tr, va, te):
+            t.x = (t.x - mu) / sd
+    if task == "classification":
+        num_classes = int(max(tr.y.max(), va.y.max(), te.y.max())) + 1
+        out = num_classes
+    else:
+        out = tr.y.shape[1]
+    model = ProbeModel(kind=probe, width=int(tr.x.shape[-1]), out=out, depth=depth, heads=heads)
+    params, grid, last_loss = train_grid(model, task, tr.x, tr.y, tr.mask, lrs, wds, epochs=epochs,
+                                         batch_size=batch_size, seed=seed)
+    metric_fn = classification_metrics if task == "classification" else regression_metrics
+    key = "accuracy" if task == "classification" else "r2"
+    val_m = metric_fn(predict_grid(model, params, va.x), va)
+    test_m = metric_fn(predict_grid(model, params, te.x), te)
+    scores = np.nan_to_num(val_m[key], nan=-np.inf)
+    best = int(np.argmax(scores))
+    return {"task": task, "target": target, "probe": probe, "metric": key,
+            "best": {"lr": grid[best][0], "wd": grid[best][1]},
+            "val": {k: float(v[best]) for k, v in val_m.items()},
+            "test": {k: float(v[best]) for k, v in test_m.items()},
+            "grid": [{"lr": g[0], "wd": g[1], "val": float(val_m[key][i]), "train_loss": float(last_loss[i])}
+                     for i, g in enumerate(grid)],
+            "rows": {"train": len(tr.x), "val": len(va.x), "test": len(te.x)}}
+
+
+# ---------------------------------------------------------------- world benchmark
+
+
+def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 4, batch_size: int = 32,
+              probes: Sequence[str] = ("linear",), epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
+              overrides: Sequence[str] = (), depth: int = 1, progress: bool = True) -> dict:
+    """Domain accuracy and state R^2 from frozen embeddings of the world dataset: the run's EMA encoder at
+    `step` (default latest) vs the same architecture at random initialisation (the run's config and seed)."""
+    from jepa import export as export_lib
+    config = export_lib.load_run_config(workdir)
+    overrides = ["--config.data.eval_mode=uniform", f"--config.data.num_segments={num_segments}", *overrides]
+    if not any(s.kind == "world" for s in config.data.sources.values()):
+        raise ValueError(f"{workdir}: the benchmark needs a run on the world dataset (or --config overrides of "
+                         "config.data.sources pointing at one)")
+    features = ("pooled", "patches") if "attentive" in probes else ("pooled",)
+    ckpt_params, ckpt_step = export_lib.load_encoder_params(workdir, export_lib.apply_overrides(
+        export_lib.with_split(config, "train"), overrides), step=step)
+    encoders = {f"step {ckpt_step}": ckpt_params,
+                "random init": export_lib.random_encoder_params(config)}
+    results = {}
+    for name, params in encoders.items():
+        feats = {split: export_lib.embed_split(config, params, split, features=features, batch_size=batch_size,
+                                               overrides=overrides, progress=progress)
+                 for split in ("train", "validation", "test")}
+        for probe in probes:
+            for task, target in (("classification", "domain"), ("regression", "states")):
+                r = run_probe(feats["train"], feats["validation"], feats["test"], task=task, target=target,
+                              probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth)
+                results.setdefault(name, {})[f"{probe}/{target}"] = r
+        summary = export_lib.summarize(feats["test"])
+        results[name]["effective_rank"] = summary["effective_rank"]
+    return results
+
+
+def format_table(results: dict) -> str:
+    names = list(results)
+    keys = [k for k in results[names[0]] if isinstance(results[names[0]][k], dict)]
+    rows = [("", *names)]
+    for k in keys:
+        if results[names[0]][k]["metric"] == "accuracy":
+            rows.append((f"{k}: test accuracy", *[f"{results[n][k]['test']['accuracy']:.3f}" for n in names]))
+        else:
+            for m in ("r2", "r2_pos", "r2_vel"):
+                rows.append((f"{k}: test {m}", *[f"{results[n][k]['test'][m]:.3f}" for n in names]))
+    rows.append(("pooled effective rank (test)", *[f"{results[n]['effective_rank']:.1f}" for n in names]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
+    return "\n".join([line(rows[0]), "-+-".join("-" * w for w in widths), *map(line, rows[1:])])
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma list of numbers") from None
+    if not values or any(not v >= 0 for v in values):
+        raise ValueError(f"{flag}: {text!r} must list non-negative numbers")
+    return values
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench = bool(argv) and argv[0] == "benchmark"
+    if bench:
+        argv = argv[1:]
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    p = argparse.ArgumentParser(prog="python -m jepa.probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--features", help="export directory of the training split")
+    p.add_argument("--val_features", help="export directory of the validation split (model selection)")
+    p.add_argument("--test_features", help="export directory of the test split (reported)")
+    p.add_argument("--workdir", help="encode on the fly from this run instead of exported features")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--encoder", default="ema", choices=("ema", "online", "random"))
+    p.add_argument("--splits", default="train,validation,test", help="with --workdir: train,val,test split names")
+    p.add_argument("--task", default="classification", choices=("classification", "regression"))
+    p.add_argument("--target", default="label")
+    p.add_argument("--probe", default="linear", help="linear | attentive (benchmark: a comma list)")
+    p.add_argument("--lrs", default=",".join(map(str, DEFAULT_LRS)))
+    p.add_argument("--wds", default=",".join(map(str, DEFAULT_WDS)))
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--depth", type=int, default=1, help="attentive probe: self-attention blocks")
+    p.add_argument("--heads", type=int, default=0, help="attentive probe: attention heads (0 = auto)")
+    p.add_argument("--num_segments", type=int, default=4, help="benchmark: windows per episode")
+    p.add_argument("--output", default="", help="write the result JSON here")
+    args = p.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    lrs, wds = _floats(args.lrs, "--lrs"), _floats(args.wds, "--wds")
+    if bench:
+        if not args.workdir:
+            p.error("benchmark needs --workdir")
+        result = benchmark(args.workdir, step=args.step, num_segments=args.num_segments,
+                           probes=args.probe.split(","), epochs=args.epochs, lrs=lrs, wds=wds,
+                           overrides=overrides, depth=args.depth)
+        print(format_table(result))
+    else:
+        if args.workdir:
+            from jepa import export as export_lib
+            config = export_lib.load_run_config(args.workdir)
+            splits = args.splits.split(",")
+            if len(splits) != 3:
+                p.error("--splits needs three names: train,validation,test")
+            run_cfg = export_lib.apply_overrides(export_lib.with_split(config, splits[0]), overrides)
+            if args.encoder == "random":
+                params = export_lib.random_encoder_params(run_cfg)
+            else:
+                params, _ = export_lib.load_encoder_params(args.workdir, run_cfg, step=args.step, encoder=args.encoder)
+            features = ("pooled", "patches") if args.probe == "attentive" else ("pooled",)
+            train, val, test = (export_lib.embed_split(config, params, s, features=features, overrides=overrides,
+                                                       progress=True) for s in splits)
+        else:
+            if not (args.features and args.val_features and args.test_features):
+                p.error("give --features, --val_features and --test_features (export dirs), or --workdir")
+            from jepa.export import load_features
+            train, val, test = (load_features(d) for d in (args.features, args.val_features, args.test_features))
+        result = run_probe(train, val, test, task=args.task, target=args.target, probe=args.probe, lrs=lrs, wds=wds,
+                           epochs=args.epochs, batch_size=args.batch_size, depth=args.depth, heads=args.heads)
+        print(json.dumps(result))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Probes on synthetic features with known answers, the grid's choice, kNN, and evaluators during training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jepa import evaluators as evaluators_lib
+from jepa import probe as probe_lib
+from jepa.export import Features
+
+
+def synthetic(n, d=16, classes=3, segments=1, seed=0, tokens=0, domains=2):
+    """Features where the label is a linear function of the pooled vector, and states (2 qpos, 2 qvel, padding)
+    are linear in it per domain. With tokens > 0, patches hide the class in ONE token (mean pooling dilutes it)."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(99).normal(size=(classes, d)) * 3
+    y = rng.integers(0, classes, n // segments).repeat(segments)
+    x = centers[y] + rng.normal(size=(n, d))
+    dom = np.arange(n // segments).repeat(segments) % domains
+    w = np.random.default_rng(7).normal(size=(d, 4))
+    states = np.zeros((n, 2, 32), np.float32)
+    states[:, :, :4] = (x @ w)[:, None, :] * (1 + dom[:, None, None])
+    rows = [{"clip_id": f"c/{i // segments}", "segment": i % segments, "state_dim": 4, "num_qpos": 2}
+            for i in range(n)]
+    patches = None
+    if tokens:
+        patches = rng.normal(size=(n, tokens, d)).astype(np.float32)
+        patches[np.arange(n), rng.integers(0, tokens, n)] += centers[y] * 2
+    return Features(pooled=x.astype(np.float32), patches=patches,
+                    targets={"label": y.astype(np.int32), "domain": dom.astype(np.int32), "states": states},
+                    rows=rows, meta={})
+
+
+def test_grid_picks_the_learning_rate_that_learns():
+    tr, va, te = synthetic(256, seed=0), synthetic(96, seed=1), synthetic(96, seed=2)
+    r = probe_lib.run_probe(tr, va, te, task="classification", target="label", probe="linear",
+                            lrs=(1e-7, 3e-2), wds=(0.0, 0.01), epochs=10, batch_size=32)
+    assert r["best"]["lr"] == 3e-2
+    by_lr = {g["lr"]: g["val"] for g in r["grid"]}
+    assert by_lr[3e-2] > 0.9 and by_lr[1e-7] < 0.7
+    assert r["test"]["accuracy"] > 0.9
+
+
+def test_linear_regression_recovers_states_per_domain():
+    tr, va, te = synthetic(256, seed=0), synthetic(96, seed=1), synthetic(96, seed=2)
+    r = probe_lib.run_probe(tr, va, te, task="regression", target="states", probe="linear",
+                            lrs=(0.0, 3e-2), wds=(0.0,), epochs=40, batch_size=32)
+    assert r["best"]["lr"] == 3e-2
+    assert r["test"]["r2"] > 0.9 and r["test"]["r2_pos"] > 0.9 and r["test"]["r2_vel"] > 0.9
+    untrained = [g for g in r["grid"] if g["lr"] == 0.0][0]
+    assert untrained["val"] < 0.1
+    r1 = probe_lib.run_probe(tr, va, te, task="regression", target="states[-1]", probe="linear",
+                             lrs=(3e-2,), wds=(0.0,), epochs=40, batch_size=32)
+    assert r1["test"]["r2"] > 0.9
+
+
+def test_regression_metric_known_answers():
+    feats = synthetic(40, seed=3)
+    stats = probe_lib.state_stats(feats, None)
+    task = probe_lib.make_task(feats, "regression", "states", "linear", stats)
+    assert task.y.shape == (40, 64) and task.mask.sum() == 40 * 2 * 4  # padding dims masked
+    perfect = probe_lib.regression_metrics(task.y[None], task)
+    np.testing.assert_allclose([perfect["r2"][0], perfect["r2_pos"][0], perfect["r2_vel"][0]], 1.0)
+    means = np.zeros_like(task.y)
+    for d in (0, 1):
+        means[task.domain == d] = task.y[task.domain == d].mean(0)
+    assert abs(probe_lib.regression_metrics(means[None], task)["r2"][0]) < 1e-6
+
+
+def test_attentive_probe_finds_the_one_informative_token():
+    tr = synthetic(256, seed=0, tokens=8)
+    va, te = synthetic(96, seed=1, tokens=8), synthetic(96, seed=2, tokens=8)
+    for f in (tr, va, te):  # pooled vectors are the (diluted) token means
+        f.pooled = f.patches.mean(1)
+    r = probe_lib.run_probe(tr, va, te, task="classification", target="label", probe="attentive",
+                            lrs=(3e-3,), wds=(0.01,), epochs=15, batch_size=32, depth=1, heads=2)
+    assert r["test"]["accuracy"] > 0.9
+
+
+def test_predictions_are_averaged_over_the_segments_of_a_clip():
+    feats = synthetic(4, segments=2, classes=2)
+    task = probe_lib.make_task(feats, "classification", "label", "linear")
+    y = task.y
+    logits = np.zeros((1, 4, 2))
+    logits[0, np.arange(4), y] = [3.0, 0.0, 3.0, 0.0]          # window 0 of each clip confidently right
+    logits[0, np.arange(4), 1 - y] = [0.0, 1.0, 0.0, 1.0]      # window 1 mildly wrong
+    m = probe_lib.classification_metrics(logits, task)
+    assert m["window_accuracy"][0] == 0.5 and m["accuracy"][0] == 1.0
+
+
+def test_bad_targets_and_probes_are_named():
+    feats = synthetic(8)
+    with pytest.raises(ValueError, match="--target"):
+        probe_lib.parse_target("label[0]")
+    with pytest.raises(ValueError, match="--probe=attentive needs patch features"):
+        probe_lib.make_task(feats, "classification", "label", "attentive")
+    with pytest.raises(ValueError, match="--task=regression needs --target=states"):
+        probe_lib.make_task(feats, "regression", "label", "linear")
+
+
+def test_knn_on_separated_clusters():
+    tr, va = synthetic(64, seed=0), synthetic(32, seed=1, segments=2)
+    m = evaluators_lib.knn_metrics(tr, va, k=5)
+    assert m["accuracy"] > 0.9
+    with pytest.raises(ValueError, match="knn target"):
+        evaluators_lib.knn_metrics(tr, va, target="states")
+
+
+def test_eval_settings_are_validated():
+    with pytest.raises(ValueError, match="config.evals.x.kind"):
+        evaluators_lib._settings("x", {"every": 2})
+    with pytest.raises(ValueError, match=r"config.evals.knn: unknown field\(s\) \['kk'\]"):
+        evaluators_lib._settings("knn", {"every": 2, "kk": 3})
+    assert evaluators_lib._settings("knn", {"every": 2})["k"] == 20
+
+
+@pytest.mark.slow
+def test_evaluators_run_during_training(tiny_config, tmp_path):
+    from jepa import train as train_lib
+    tiny_config.evals = {"knn": dict(every=3, k=2, max_clips=4, eval_split="test"),
+                         "probe": dict(every=6, max_clips=4, epochs=2, eval_split="test")}
+    train_lib.train(tiny_config, str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if any(k.startswith("eval/") for k in r)}
+    assert sorted(evals) == [3, 6]
+    assert 0.0 <= evals[3]["eval/knn/accuracy"] <= 1.0 and "eval/probe/accuracy" not in evals[3]
+    assert 0.0 <= evals[6]["eval/probe/accuracy"] <= 1.0 and "eval/knn/accuracy" in evals[6]
+
+
+@pytest.mark.slow
+def test_cli_on_the_fly_probe(tiny_run, capsys):
+    result = probe_lib.main([f"--workdir={tiny_run}", "--task=regression", "--target=states[-1]",
+                             "--probe=attentive", "--lrs=1e-3", "--wds=0.01", "--epochs=2",
+                             "--config.data.eval_mode=uniform", "--config.data.num_segments=2"])
+    assert result["rows"] == {"train": 8, "val": 2, "test": 2}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["probe"] == "attentive"
