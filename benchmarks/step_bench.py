@@ -4,14 +4,13 @@
     python benchmarks/step_bench.py --config=configs/quickstart.py --config.train.global_batch_size=16
     python benchmarks/step_bench.py --config=configs/quickstart.py --tuned_env   # re-exec with TUNED_ENV
 
-The step is rebuilt from the same pieces as jepa/train.py (VJEPA.from_config, optim.make_optimizer, the lr / EMA
-schedules, optim.accumulate_gradients, optax updates, EMA update, jit with the same shardings and donation) and
-fed real masks from the pipeline's masker plus random uint8 clips (the step's cost does not depend on pixel
-values). It prints the compile time (persistent cache off unless --cache), the best and median step time,
-clips/s, the analytic GFLOP/s (jepa.metrics.vjepa_step_flops, as the trainer logs it), the measured matmul
-peak (jepa.metrics.measure_matmul_peak) and the % of that peak, plus process CPU time and page faults per step
-(on a shared machine wall time is inflated by the load; CPU time much less so). `uptime` load is printed
-before and after.
+The step is the trainer's own (jepa.train.build_run: objective, optimiser, schedules, gradient accumulation,
+EMA, jit with the trainer's shardings and donation), fed real masks from the pipeline's masker plus random uint8
+clips (the step's cost does not depend on pixel values). It prints the compile time (persistent cache off
+unless --cache), the best and median step time, clips/s, the analytic GFLOP/s (jepa.metrics.vjepa_step_flops,
+as the trainer logs it), the measured matmul peak (jepa.metrics.measure_matmul_peak) and the % of that peak,
+plus process CPU time and page faults per step (on a shared machine wall time is inflated by the load; CPU time
+much less so). `uptime` load is printed before and after.
 
 Process environment matters on CPU (measured on 2 Zen 5 cores, quick-start step):
   - OPENBLAS_NUM_THREADS=1: jaxlib's LAPACK kernels (eigh/svd for the collapse diagnostics) come from scipy's
@@ -33,28 +32,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from ml_collections import config_flags
 
 from jepa import config as config_lib
 from jepa import metrics as metrics_lib
-from jepa import models, optim, sharding
+from jepa import sharding, train
 from jepa.data import pipeline
-from jepa.objectives.vjepa import VJEPA
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
-flags.DEFINE_integer("reps", 10, "timed steps")
-flags.DEFINE_bool("cache", False, "use config.train.compilation_cache (off: compile time is measured honestly)")
-flags.DEFINE_bool("peak", True, "measure the float32 matmul peak")
-flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 steps to this directory")
-flags.DEFINE_bool("tuned_env", False, "re-execute with TUNED_ENV (allocator and OpenBLAS settings) first")
-
-TUNED_ENV = {
-    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
-                      "glibc.malloc.arena_max=1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
+TUNED_ENV = train.PROCESS_ENV  # what `python -m jepa.train` sets for itself
 
 
 def reexec_with(env: dict[str, str]) -> None:
@@ -67,61 +53,19 @@ def reexec_with(env: dict[str, str]) -> None:
 
 
 def build_step(config):
-    """(jitted train step, abstract/initial state, batch, analytic FLOPs per step) exactly as jepa/train.py."""
-    enc = config.model.encoder
-    grid = models.token_grid(config.data.num_frames, config.data.resolution, enc.patch_size, enc.tubelet_size)
-    objective = VJEPA.from_config(config, grid)
-    total_steps = config.train.total_steps
-    tx = optim.make_optimizer(config.optim, total_steps)
-    lr_fn = optim.lr_schedule(config.optim, total_steps)
-    ema_fn = optim.ema_momentum_schedule(config.optim, total_steps)
+    """(jitted train step, initial state, batch, analytic FLOPs per step): the trainer's own step
+    (jepa.train.build_run on the config's mesh), real masks from the pipeline's masker, random uint8 clips."""
     mesh = sharding.make_mesh(config.mesh)
-
-    def init_state(rng):
-        params = objective.init(rng, config, grid)
-        return {"params": params, "ema": params["encoder"], "opt": tx.init(params),
-                "step": jnp.zeros((), jnp.int32)}
-
-    num_micro = config.optim.grad_accum_steps
-
-    def train_step(state, batch):  # jepa/train.py's train_step, line for line
-        def loss_and_grad(params, micro_batch, rng):
-            del rng
-            return jax.value_and_grad(objective.loss, has_aux=True)(params, state["ema"], micro_batch)
-
-        (loss, aux), grads = optim.accumulate_gradients(loss_and_grad, state["params"], batch, num_micro,
-                                                         jax.random.PRNGKey(0))
-        updates, opt_state = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        momentum = ema_fn(state["step"])
-        ema = optim.ema_update(state["ema"], params["encoder"], momentum)
-        metrics = {"loss": loss, **aux, "lr": lr_fn(state["step"]), "ema_momentum": momentum,
-                   "grad_norm": optax.global_norm(grads)}
-        new_state = {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}
-        return new_state, metrics
-
-    init_rng = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(init_state, init_rng)
-    state_shardings = sharding.state_shardings(abstract_state, mesh)
-    keys = ["video"] + [f"{n}/{k}" for n in config.mask.types for k in ("context_idx", "target_idx")]
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in keys}
-    step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
-
+    run = train.build_run(config, mesh)
+    state = run.init_state(jax.random.PRNGKey(config.seed))
     b = config.train.global_batch_size
     rng = np.random.default_rng(0)
     res = config.data.resolution
     h, w = (res, res) if isinstance(res, int) else tuple(res)
     local = {"video": rng.integers(0, 256, (b, config.data.num_frames, h, w, 3), dtype=np.uint8)}
     local.update(pipeline.make_masker(config)(b, rng))
-    batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
-
-    dims = models.resolved_dims(config.model)
-    encoder = dict(dims["encoder"], patch_size=enc.patch_size, tubelet_size=enc.tubelet_size)
-    flops = metrics_lib.vjepa_step_flops(int(np.prod(grid)), pipeline.mask_lengths(config), encoder,
-                                         dims["predictor"], b)
-    return step, state, batch, flops
+    batch = sharding.global_batch({k: local[k] for k in train.data_keys(config)}, mesh)
+    return run.train_step, state, batch, train.training_flops(config, run.grid)
 
 
 def main(argv) -> None:
@@ -136,8 +80,8 @@ def main(argv) -> None:
         jax.config.update("jax_enable_compilation_cache", False)
     load = os.getloadavg()
     print(f"device {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} cpus, load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', '')!r} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; " + " ".join(
+              f"{k}={os.environ.get(k, '')!r}" for k in ("GLIBC_TUNABLES", "OPENBLAS_NUM_THREADS", "XLA_FLAGS")))
     step, state, batch, flops = build_step(config)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -165,7 +109,7 @@ def main(argv) -> None:
           f"first loss {loss:.5f}")
     print(f"  best {best * 1e3:.0f} ms (median {med * 1e3:.0f} ms) -> {b / best:.1f} clips/s, "
           f"{flops / best / 1e9:.1f} GFLOP/s (median {flops / med / 1e9:.1f}); process CPU time per step "
-          f"{min(cpu):.2f} s (median {float(np.median(cpu)):.2f} s; a loaded machine inflates wall time, less so this); "
+          f"{min(cpu):.2f} s (median {float(np.median(cpu)):.2f} s; load inflates wall time, less so this); "
           f"{faults:.0f} page faults per step")
     if flags.FLAGS.peak:
         peak = metrics_lib.measure_matmul_peak(jnp.float32)
@@ -175,6 +119,17 @@ def main(argv) -> None:
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """Command-line flags (defined here, not at import, so tests can import build_step)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
+    flags.DEFINE_integer("reps", 10, "timed steps")
+    flags.DEFINE_bool("cache", False, "use config.train.compilation_cache (off: compile time is measured honestly)")
+    flags.DEFINE_bool("peak", True, "measure the float32 matmul peak")
+    flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 steps to this directory")
+    flags.DEFINE_bool("tuned_env", False, "re-execute with TUNED_ENV (allocator and OpenBLAS settings) first")
     flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -288,7 +288,28 @@ def main(argv) -> None:
     print(json.dumps({"final_step": result.final_step, "final_loss": result.losses[-1] if result.losses else None}))
 
 
+# Read by glibc and OpenBLAS only when a process starts. Measured on the quick-start CPU step
+# (benchmarks/step_bench.py): XLA's per-step buffers were mmapped fresh every step (~200k page faults, ~17% of
+# CPU time) until glibc keeps them in a huge-page heap; scipy's OpenBLAS threads (jaxlib's LAPACK) spun against
+# XLA's own threads. The price: the process keeps its peak memory instead of returning it to the OS.
+PROCESS_ENV = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:"
+                      "glibc.malloc.arena_max=1",
+}
+
+
+def relaunch_with_process_env(module: str = "jepa.train") -> None:
+    """Re-executes this command once with PROCESS_ENV set (values the user set win; JEPA_ENV_SET=1 skips)."""
+    import sys
+    if os.environ.get("JEPA_ENV_SET") or sys.platform != "linux":
+        return
+    env = {**PROCESS_ENV, **os.environ, "JEPA_ENV_SET": "1"}
+    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
+
+
 if __name__ == "__main__":
+    relaunch_with_process_env()
     from absl import app, flags
     from ml_collections import config_flags
 

@@ -15,7 +15,6 @@ from jepa import config as config_lib
 from jepa.data import pipeline
 
 
-
 def episode(n_frames=12, size=24, label=0, domain=0, seed=0):
     """A world-episode record whose frame t is the flat grey level 10*t (+ a per-episode offset) everywhere."""
     level = (10 * np.arange(n_frames) + seed % 7).astype(np.uint8)

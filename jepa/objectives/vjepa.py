@@ -21,6 +21,7 @@ from flax import nnx
 
 from jepa import models
 from jepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from jepa.metrics import effective_rank
 
 Params = Any
 
@@ -110,22 +111,4 @@ def representation_stats(tokens: jax.Array, max_rows: int = 4096) -> dict[str, j
     (near 0 = all tokens alike) and effective rank (exp entropy of the singular-value distribution)."""
     x = tokens.reshape(-1, tokens.shape[-1]).astype(jnp.float32)
     x = x[:: max(1, x.shape[0] // max_rows)]
-    return {"repr/std": jnp.mean(jnp.std(x, axis=0)), "repr/effective_rank": gram_effective_rank(x)}
-
-
-def gram_effective_rank(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """jepa.metrics.effective_rank of x [N, D] from the eigenvalues of the D x D Gram matrix x^T x (singular
-    values = their square roots). An SVD of the [N, D] matrix inside the train step took longer than the whole
-    model on CPU (LAPACK gesdd, ~1 s for 4096 x 192); the Gram matmul + eigvalsh take a few ms. Matches the SVD
-    to ~1e-4 relative (float32 eigenvalues of the tiniest directions are noisy, but they add ~nothing to the
-    entropy)."""
-    if x.ndim != 2:
-        raise ValueError(f"gram_effective_rank expects x of shape [N, D], got {x.shape}")
-    x = x.astype(jnp.float32)
-    if x.shape[0] < x.shape[1]:
-        x = x.T  # same singular values; the smaller Gram matrix
-    gram = jnp.dot(x.T, x, precision=jax.lax.Precision.HIGHEST)
-    s = jnp.sqrt(jnp.maximum(jnp.linalg.eigvalsh(gram), 0.0))
-    p = s / (jnp.sum(s) + eps)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-    return jnp.exp(entropy)
+    return {"repr/std": jnp.mean(jnp.std(x, axis=0)), "repr/effective_rank": effective_rank(x)}
