@@ -122,7 +122,6 @@ def test_non_finite_loss_stops_with_step_and_checkpoint_named(tmp_path, tiny_con
         train_lib.train(tiny_config, str(tmp_path / "nan"))
 
 
-@pytest.mark.slow
 def test_loss_decreases_over_50_steps(tmp_path, tiny_config):
     tiny_config.train.total_steps = 50
     tiny_config.optim.lr = 1e-3
