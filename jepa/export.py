@@ -153,20 +153,14 @@ def with_split(config: ml_collections.ConfigDict, split: str) -> ml_collections.
 # ---------------------------------------------------------------- the encoder
 
 
-def token_grid(config) -> tuple[int, int, int]:
-    enc = config.model.encoder
-    return models.token_grid(int(config.data.num_frames), int(config.data.resolution), int(enc.patch_size),
-                             int(enc.tubelet_size))
-
-
 def objective_for(config) -> VJEPA:
-    return VJEPA.from_config(config, token_grid(config))
+    return VJEPA.from_config(config, pipeline.token_grid(config))
 
 
 def random_encoder_params(config) -> Any:
     """Encoder parameters exactly as the trainer initialises them (same config, same seed): the baseline."""
     objective = objective_for(config)
-    return jax.jit(lambda rng: objective.init(rng, config, token_grid(config))["encoder"])(
+    return jax.jit(lambda rng: objective.init(rng, config, pipeline.token_grid(config))["encoder"])(
         jax.random.PRNGKey(int(config.seed)))
 
 
@@ -476,7 +470,8 @@ def _check_features(features) -> tuple[str, ...]:
 def _meta(config, split: str, layers, features) -> dict:
     dims = models.resolved_dims(config.model)["encoder"]
     return {"split": split, "layers": list(layers), "features": list(features), "width": dims["width"],
-            "depth": dims["depth"], "grid": list(token_grid(config)), "num_frames": int(config.data.num_frames),
+            "depth": dims["depth"], "grid": list(pipeline.token_grid(config)),
+            "num_frames": int(config.data.num_frames),
             "resolution": int(config.data.resolution), "eval_mode": str(config.data.eval_mode),
             "num_segments": int(config.data.num_segments)}
 

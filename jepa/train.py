@@ -81,8 +81,7 @@ class Run:
 
 
 def build_run(config, mesh) -> Run:
-    enc = config.model.encoder
-    grid = models.token_grid(config.data.num_frames, config.data.resolution, enc.patch_size, enc.tubelet_size)
+    grid = pipeline.token_grid(config)
     objective = VJEPA.from_config(config, grid)
     total_steps = config.train.total_steps
     tx = optim.make_optimizer(config.optim, total_steps)

@@ -113,13 +113,17 @@ def write_video(path, frames, *, fps: float = 25, codec: str = "h264", pix_fmt: 
             if times is not None:
                 frame.pts = int(round(times[i] * 1000))
                 frame.time_base = Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+            _mux(out, stream, frame)
+        _mux(out, stream, None)
     finally:
         out.close()
     return str(path)
+
+
+def _mux(out, stream, frame) -> None:
+    """Encodes one frame (None flushes the encoder) and writes its packets."""
+    for packet in stream.encode(frame):
+        out.mux(packet)
 
 
 def write_image(path, image) -> str:
@@ -138,11 +142,8 @@ def write_image(path, image) -> str:
             stream.codec_context.qmax = 2
         if enc == "libwebp":
             stream.codec_context.options = {"lossless": "1"}
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        _mux(out, stream, av.VideoFrame.from_ndarray(image, format="rgb24"))
+        _mux(out, stream, None)
     finally:
         out.close()
     return str(path)
@@ -191,10 +192,8 @@ def make_corrupt_files(directory) -> dict[str, str]:
         stream = out.add_stream("pcm_s16le", rate=8000)
         frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
         frame.sample_rate = 8000
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+        _mux(out, stream, frame)
+        _mux(out, stream, None)
     finally:
         out.close()
     paths["unreadable"] = write_video(os.path.join(directory, "unreadable.mp4"), index_frames(5), codec="mpeg4")
