@@ -45,6 +45,7 @@ def mask_type(num_blocks: int, spatial_scale: float, mask_token: int) -> ConfigD
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
+    c.objective = "vjepa"              # "vjepa" (pretraining) | "ac" (world model: configs/world_model.py)
 
     # ---- data (jepa/data/pipeline.py) ----
     c.data = ConfigDict()
@@ -121,8 +122,21 @@ def validate(c: ConfigDict) -> None:
             raise ValueError(f"config.{field}: {why}")
 
     d, e = c.data, c.model.encoder
-    need(d.num_frames % e.tubelet_size == 0, "data.num_frames",
+    objective = c.get("objective", "vjepa")
+    need(objective in ("vjepa", "ac"), "objective", f"{objective!r} is not one of vjepa, ac")
+    need(objective == "ac" or d.num_frames % e.tubelet_size == 0, "data.num_frames",
          f"{d.num_frames} is not divisible by model.encoder.tubelet_size={e.tubelet_size}")
+    if objective == "ac":
+        need("world_model" in c and "ac_predictor" in c.model, "objective",
+             "'ac' needs the world_model and model.ac_predictor sections (start from configs/world_model.py)")
+        need(c.world_model.state_source in ("none", "physics"), "world_model.state_source",
+             f"{c.world_model.state_source!r} is not one of none, physics")
+        need(1 <= c.world_model.rollout_steps < d.num_frames, "world_model.rollout_steps",
+             f"{c.world_model.rollout_steps} must lie in [1, data.num_frames - 1 = {d.num_frames - 1}]")
+        need(c.encoder_weights in ("pretrained", "random"), "encoder_weights",
+             f"{c.encoder_weights!r} is not one of pretrained, random")
+        need(c.encoder_weights == "random" or bool(c.encoder_from), "encoder_from",
+             "the world model needs a pretraining run's workdir (or --config.encoder_weights=random)")
     need(d.resolution % e.patch_size == 0, "data.resolution",
          f"{d.resolution} is not divisible by model.encoder.patch_size={e.patch_size}")
     need(len(d.sources) > 0, "data.sources", "no data source configured")

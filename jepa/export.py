@@ -41,7 +41,7 @@ import numpy as np
 from jepa import checkpoint as ckpt_lib
 from jepa import config as config_lib
 from jepa import metrics as metrics_lib
-from jepa import models, sharding
+from jepa import models, objectives, sharding
 from jepa.data import pipeline
 from jepa.objectives.vjepa import VJEPA, normalize_video
 
@@ -159,12 +159,11 @@ def objective_for(config) -> VJEPA:
 
 def random_encoder_params(config) -> Any:
     """Encoder parameters exactly as the trainer initialises them (same config, same seed): the baseline."""
-    objective = objective_for(config)
-    return jax.jit(lambda rng: objective.init(rng, config, pipeline.token_grid(config))["encoder"])(
-        jax.random.PRNGKey(int(config.seed)))
+    objective = objectives.build(config)
+    return jax.jit(lambda rng: objective.init(rng, config)[1])(jax.random.PRNGKey(int(config.seed)))
 
 
-def _abstract_from_metadata(workdir: str, step: int, mesh) -> Any:
+def abstract_from_metadata(workdir: str, step: int, mesh) -> Any:
     """The saved state's tree (shapes, dtypes) read from the checkpoint itself, laid out replicated on `mesh`:
     loading does not depend on rebuilding the trainer's optimiser state."""
     import orbax.checkpoint as ocp
@@ -176,11 +175,8 @@ def _abstract_from_metadata(workdir: str, step: int, mesh) -> Any:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), tree)
 
 
-def load_encoder_params(workdir: str, config, *, step: int | None = None, encoder: str = "ema",
-                        mesh=None) -> tuple[Any, int]:
-    """(encoder params, step) from the run's Orbax checkpoint: the EMA target encoder or the online encoder."""
-    if encoder not in ("ema", "online"):
-        raise ValueError(f"--encoder: {encoder!r} is not one of 'ema', 'online'")
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+    """`step` (checked to exist) or the run's latest finished checkpoint step."""
     import orbax.checkpoint as ocp
     manager = ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir))
     steps = manager.all_steps()
@@ -188,11 +184,20 @@ def load_encoder_params(workdir: str, config, *, step: int | None = None, encode
     if not steps:
         raise FileNotFoundError(f"--workdir={workdir}: no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
     if step is None:
-        step = max(steps)
-    elif step not in steps:
+        return max(steps)
+    if step not in steps:
         raise ValueError(f"--step={step}: no such checkpoint in {workdir} (have {sorted(steps)})")
+    return step
+
+
+def load_encoder_params(workdir: str, config, *, step: int | None = None, encoder: str = "ema",
+                        mesh=None) -> tuple[Any, int]:
+    """(encoder params, step) from the run's Orbax checkpoint: the EMA target encoder or the online encoder."""
+    if encoder not in ("ema", "online"):
+        raise ValueError(f"--encoder: {encoder!r} is not one of 'ema', 'online'")
+    step = checkpoint_step(workdir, step)
     mesh = mesh if mesh is not None else export_mesh()
-    state, step = ckpt_lib.load_state(workdir, _abstract_from_metadata(workdir, step, mesh), step)
+    state, step = ckpt_lib.load_state(workdir, abstract_from_metadata(workdir, step, mesh), step)
     params = state["ema"] if encoder == "ema" else state["params"]["encoder"]
     expected = jax.eval_shape(lambda: random_encoder_params(config))
     got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)

@@ -28,9 +28,8 @@ from jepa import checkpoint as ckpt_lib
 from jepa import config as config_lib
 from jepa import evaluators as evaluators_lib
 from jepa import metrics as metrics_lib
-from jepa import models, optim, sharding
+from jepa import models, objectives, optim, sharding
 from jepa.data import pipeline
-from jepa.objectives.vjepa import VJEPA
 
 PREEMPTED_EXIT_CODE = 42  # SIGTERM: checkpoint saved, run can be resumed with the same command
 
@@ -62,18 +61,15 @@ def setup_runtime(config) -> None:
 
 def data_keys(config) -> list[str]:
     """The batch fields the train step consumes (everything else stays on the host)."""
-    keys = ["video"]
-    for name in config.mask.types:
-        keys += [f"{name}/context_idx", f"{name}/target_idx"]
-    return keys
+    return objectives.build(config).data_keys()
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     """What a config compiles to: the objective, the state layout, and the jitted (sharded) functions."""
 
-    grid: tuple[int, int, int]
-    objective: VJEPA
+    grid: tuple[int, int, int] | None  # the clip token grid (V-JEPA); None for the world model
+    objective: Any         # jepa.objectives: VJEPA or ActionConditioned
     abstract_state: Any    # ShapeDtypeStructs carrying their shardings (restore targets)
     state_shardings: Any
     init_state: Callable   # rng -> train state, created already sharded
@@ -81,17 +77,16 @@ class Run:
 
 
 def build_run(config, mesh) -> Run:
-    grid = pipeline.token_grid(config)
-    objective = VJEPA.from_config(config, grid)
+    objective = objectives.build(config)
+    grid = getattr(objective, "grid", None)
     total_steps = config.train.total_steps
     tx = optim.make_optimizer(config.optim, total_steps)
     lr_fn = optim.lr_schedule(config.optim, total_steps)
     ema_fn = optim.ema_momentum_schedule(config.optim, total_steps)
 
     def init_state(rng):
-        params = objective.init(rng, config, grid)
-        return {"params": params, "ema": params["encoder"], "opt": tx.init(params),
-                "step": jnp.zeros((), jnp.int32)}
+        params, target = objective.init(rng, config)
+        return {"params": params, "ema": target, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     abstract_state = jax.eval_shape(init_state, jax.random.PRNGKey(0))
     state_shardings = sharding.state_shardings(abstract_state, mesh)
@@ -108,13 +103,14 @@ def build_run(config, mesh) -> Run:
         updates, opt_state = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         momentum = ema_fn(state["step"])
-        ema = optim.ema_update(state["ema"], params["encoder"], momentum)
-        metrics = {"loss": loss, **aux, "lr": lr_fn(state["step"]), "ema_momentum": momentum,
-                   "grad_norm": optax.global_norm(grads)}
+        ema = objective.update_target(state["ema"], params, momentum)
+        metrics = {"loss": loss, **aux, "lr": lr_fn(state["step"]), "grad_norm": optax.global_norm(grads)}
+        if objective.has_ema:
+            metrics["ema_momentum"] = momentum
         new_state = {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in data_keys(config)}
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in objective.data_keys()}
     return Run(
         grid=grid, objective=objective, abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_state, out_shardings=state_shardings),
@@ -122,7 +118,32 @@ def build_run(config, mesh) -> Run:
                            out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0))
 
 
+def adopt_encoder_config(config) -> None:
+    """World-model runs (config.encoder_from set): take the frozen encoder's architecture from the pretraining
+    run's config.json, so the world-model config never has to repeat it."""
+    if not config.get("encoder_from"):
+        return
+    from jepa.export import load_run_config
+    pre = load_run_config(config.encoder_from)
+    with config.unlocked():
+        config.model.encoder = pre.model.encoder
+        config.model.rope_layout = pre.model.rope_layout
+    logging.info("encoder architecture from %s: %s", config.encoder_from, dict(config.model.encoder))
+
+
+def load_frozen_encoder(config, state, mesh):
+    """Puts the pretraining run's EMA encoder (config.encoder_from) into the state's target slot, unless
+    config.encoder_weights is "random" (the baseline world model on an untrained encoder)."""
+    if not config.get("encoder_from") or config.encoder_weights == "random":
+        return state
+    from jepa.export import load_encoder_params
+    encoder, step = load_encoder_params(config.encoder_from, config, mesh=mesh)
+    logging.info("frozen encoder: EMA weights of %s at step %d", config.encoder_from, step)
+    return {**state, "ema": jax.device_put(encoder, jax.tree.map(lambda x: x.sharding, state["ema"]))}
+
+
 def train(config, workdir: str) -> TrainResult:
+    adopt_encoder_config(config)
     config_lib.validate(config)
     setup_runtime(config)
     os.makedirs(workdir, exist_ok=True)
@@ -136,6 +157,14 @@ def train(config, workdir: str) -> TrainResult:
     logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
                  jax.devices()[0].device_kind, jax.process_count())
 
+    # ------------------------------------------------------------ model, state layout and train step
+    run = build_run(config, mesh)
+    abstract_state, train_step = run.abstract_state, run.train_step
+    total_steps = config.train.total_steps
+    num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
+    num_params["target encoder"] = sum(x.size for x in jax.tree.leaves(abstract_state["ema"]))
+    logging.info("parameters (M): %s", ", ".join(f"{k} {v / 1e6:.2f}" for k, v in num_params.items()))
+
     # ------------------------------------------------------------ data
     # Process 0 first: it prepares (generates) a missing world dataset; the others wait, then only read it.
     if is_main:
@@ -144,18 +173,10 @@ def train(config, workdir: str) -> TrainResult:
     if not is_main:
         pipeline.check_sources(config)
     dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), train=True)
+                                      process_count=jax.process_count(), train=True,
+                                      masks=run.objective.needs_masks)
     data_iter = iter(dataset)
-    keys = data_keys(config)
-
-    # ------------------------------------------------------------ model, state and train step
-    run = build_run(config, mesh)
-    abstract_state, train_step = run.abstract_state, run.train_step
-    grid, total_steps = run.grid, config.train.total_steps
-    init_rng = jax.random.PRNGKey(config.seed)
-    num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
-    logging.info("parameters: encoder %.2fM, predictor %.2fM", num_params["encoder"] / 1e6,
-                 num_params["predictor"] / 1e6)
+    keys = run.objective.data_keys()
 
     # ------------------------------------------------------------ checkpoints: resume, init_from, or fresh
     checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.train.checkpoint_every,
@@ -165,7 +186,7 @@ def train(config, workdir: str) -> TrainResult:
         state = checkpointer.restore(last_good, abstract_state, data_iter)
         logging.info("resumed from %s at step %d", checkpointer.directory, last_good)
     else:
-        state = run.init_state(init_rng)
+        state = load_frozen_encoder(config, run.init_state(jax.random.PRNGKey(config.seed)), mesh)
         if config.train.init_from:
             other, other_step = ckpt_lib.load_state(config.train.init_from, abstract_state)
             state = {**state, "params": other["params"], "ema": other["ema"]}
@@ -178,7 +199,7 @@ def train(config, workdir: str) -> TrainResult:
     timer = metrics_lib.StepTimer()
     width = models.resolved_dims(config.model)["encoder"]["width"]
     monitor = metrics_lib.CollapseMonitor(min_rank=config.train.collapse_warn_rank * width)
-    step_flops = training_flops(config, grid)
+    step_flops = run.objective.step_flops(config)
     peak = metrics_lib.device_peak_flops(jax.devices()[0], jnp.dtype(config.model.dtype),
                                          override=config.train.peak_flops)
     progress = metrics_lib.ProgressLine(total_steps, clips_per_step=config.train.global_batch_size,
@@ -267,13 +288,9 @@ def train(config, workdir: str) -> TrainResult:
     return TrainResult(losses=losses, final_step=step, workdir=workdir)
 
 
-def training_flops(config, grid) -> float:
+def training_flops(config, grid=None) -> float:
     """Analytic model FLOPs of one train step over the global batch (see jepa/metrics.py)."""
-    dims = models.resolved_dims(config.model)
-    encoder = dict(dims["encoder"], patch_size=config.model.encoder.patch_size,
-                   tubelet_size=config.model.encoder.tubelet_size)
-    return metrics_lib.vjepa_step_flops(int(np.prod(grid)), pipeline.mask_lengths(config), encoder,
-                                        dims["predictor"], config.train.global_batch_size)
+    return objectives.build(config, grid).step_flops(config)
 
 
 # ---------------------------------------------------------------- command line

@@ -504,7 +504,7 @@ def test_vjepa_loss_matches_pinned_values():
 
     c, grid, batch = pinned_loss_setup()
     objective = VJEPA.from_config(c, grid)
-    params = objective.init(jax.random.PRNGKey(0), c, grid)
+    params, _ = objective.init(jax.random.PRNGKey(0), c)
     ema = jax.tree.map(lambda x: x * 1.5, params["encoder"])
     (loss, aux), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(params, ema, batch)
     got = {"loss": float(loss), **{k: float(v) for k, v in aux.items()}}

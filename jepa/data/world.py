@@ -54,34 +54,42 @@ class DomainSpec:
     task: str
     camera_id: int
     action_repeat: int  # dm_control control steps per frame (the action is held for all of them)
+    geom_radius: tuple[tuple[str, float], ...] = ()  # geoms enlarged so they are visible at 64x64
+    effector: str = ""  # the geom whose (x, y) position planning tasks steer to a goal ("" = none)
 
 
-# Seconds between frames = action_repeat * the task's control timestep (noted per line). point_mass/easy loads and
-# renders but was left out: its point is 1-2 pixels at 64x64 and barely moves under random forces; hopper/hop
-# replaces it.
+# Seconds between frames = action_repeat * the task's control timestep (noted per line). The first eight make the
+# pretraining presets. point_mass/easy comes last, for the world-model (planning) data only: its point is drawn
+# 3x larger (radius 3 cm, ~6 px across at 64x64; the 1 cm original is 1-2 px) and frames are 0.16 s apart so it
+# visibly moves; the mass is set explicitly in its model, so only wall contacts change.
 _DOMAIN_SPECS = (
     DomainSpec("cartpole", "swingup", camera_id=1, action_repeat=8),    # 0.08 s; camera 1 "lookatcart" (cam 0 is tiny)
-    DomainSpec("reacher", "easy", camera_id=0, action_repeat=4),        # 0.08 s
+    DomainSpec("reacher", "easy", camera_id=0, action_repeat=4, effector="finger"),        # 0.08 s
     DomainSpec("cheetah", "run", camera_id=0, action_repeat=4),         # 0.04 s
     DomainSpec("walker", "walk", camera_id=0, action_repeat=2),         # 0.05 s
     DomainSpec("finger", "spin", camera_id=0, action_repeat=2),         # 0.04 s
     DomainSpec("ball_in_cup", "catch", camera_id=0, action_repeat=4),   # 0.08 s
     DomainSpec("acrobot", "swingup", camera_id=0, action_repeat=4),     # 0.04 s
     DomainSpec("hopper", "hop", camera_id=0, action_repeat=4),          # 0.08 s
+    DomainSpec("point_mass", "easy", camera_id=0, action_repeat=8, geom_radius=(("pointmass", 0.03),),
+               effector="pointmass"),                                    # 0.16 s
 )
 # Shadows and reflections off: frames look almost the same at 64x64 and render ~5x faster on llvmpipe (3 ms not 15).
 _RENDER_FLAGS = {"shadow": False, "reflection": False}
 
 DOMAINS: tuple[tuple[str, str], ...] = tuple((s.domain, s.task) for s in _DOMAIN_SPECS)
+PRETRAIN_DOMAINS = tuple(d for d, _ in DOMAINS[:8])
 
-# episodes = total over all domains (round-robin), frames per episode, square resolution, domains (None = all).
+# episodes = total over all domains (round-robin), frames per episode, square resolution, domains (None = all nine).
 # Cost: ~4.5 ms of CPU per 64x64 frame (~6 ms at 128x128) for render + physics; ~1.35 KB per 64x64 frame on disk
 # (zlib), ~11.6 KB at 128x128. "default" took 138 s on 2 shared cores (about 80 s projected on 2 idle ones).
 PRESETS: dict[str, dict] = {
     "tiny": dict(episodes=6, frames=24, resolution=64, domains=("cartpole", "reacher")),  # ~5 s; for tests
-    "default": dict(episodes=384, frames=100, resolution=64, domains=None),  # quick start: 38k frames, 50 MB
-    "large": dict(episodes=8000, frames=200, resolution=64, domains=None),   # 1.6M frames, ~2.2 GB, ~2 CPU-hours
-    "xlarge": dict(episodes=10000, frames=200, resolution=128, domains=None),  # 2M frames, ~23 GB, ~3.5 CPU-hours
+    "default": dict(episodes=384, frames=100, resolution=64, domains=PRETRAIN_DOMAINS),  # quick start: 38k frames
+    "large": dict(episodes=8000, frames=200, resolution=64, domains=PRETRAIN_DOMAINS),   # 1.6M frames, ~2.2 GB
+    "xlarge": dict(episodes=10000, frames=200, resolution=128, domains=PRETRAIN_DOMAINS),  # 2M frames, ~23 GB
+    # World-model (action-conditioned) training data for the planning tasks: 18k frames, ~80 s of CPU.
+    "control": dict(episodes=300, frames=60, resolution=64, domains=("reacher", "point_mass")),
 }
 
 SPLITS = ("train", "validation", "test")
@@ -158,6 +166,9 @@ class WorldEnv:
         self.seed = int(seed)
         self.env = suite.load(spec.domain, spec.task, task_kwargs={"random": self.seed, "time_limit": float("inf")})
         self.physics = self.env.physics
+        for geom, radius in spec.geom_radius:
+            self.physics.named.model.geom_size[geom, 0] = radius
+        self.effector = spec.effector
         aspec = self.env.action_spec()
         self.action_low = np.asarray(aspec.minimum, np.float64).reshape(aspec.shape)
         self.action_high = np.asarray(aspec.maximum, np.float64).reshape(aspec.shape)
@@ -194,6 +205,13 @@ class WorldEnv:
         s = np.zeros(S_MAX, np.float32)
         s[: self.state_dim] = np.concatenate([self.physics.data.qpos, self.physics.data.qvel])
         return s
+
+    def effector_position(self) -> np.ndarray:
+        """float64 [2]: (x, y) of the domain's effector geom (reacher's finger tip, point_mass's point)."""
+        if not self.effector:
+            raise ValueError(f"domain: {self.domain}/{self.task} has no effector; planning tasks need one of "
+                             f"{[s.domain for s in _DOMAIN_SPECS if s.effector]}")
+        return np.array(self.physics.named.data.geom_xpos[self.effector][:2], np.float64)
 
     def set_state(self, qpos, qvel) -> None:
         """Put the physics in (qpos, qvel) and recompute derived quantities (positions, cameras)."""
@@ -349,8 +367,8 @@ class World(tfds.core.GeneratorBasedBuilder):
     """DeepMind Control Suite episodes with frames, actions, physics states and rewards (see the module docstring)."""
 
     name = "jepa_world"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "point_mass/easy added (label 8) and the control preset."}
     BUILDER_CONFIGS = [make_config(p) for p in PRESETS]
     DEFAULT_CONFIG_NAME = "default"
 

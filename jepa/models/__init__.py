@@ -16,13 +16,15 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from jepa.models.ac_predictor import ACPredictor
 from jepa.models.layers import REMAT_POLICIES, Blocks
 from jepa.models.predictor import Predictor
 from jepa.models.rope import LAYOUTS as ROPE_LAYOUTS
 from jepa.models.vit import ENCODER_SIZES, VisionTransformer, token_grid
 
-__all__ = ["ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "Blocks", "Predictor", "VisionTransformer",
-           "build_encoder", "build_predictor", "compute_dtype", "resolved_dims", "token_grid"]
+__all__ = ["ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "ACPredictor", "Blocks", "Predictor",
+           "VisionTransformer", "build_ac_predictor", "build_encoder", "build_predictor", "compute_dtype",
+           "resolved_dims", "token_grid"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -85,3 +87,17 @@ def build_predictor(model_cfg, grid: Sequence[int], rngs: nnx.Rngs) -> Predictor
     return Predictor(encoder_width=dims["encoder"]["width"], width=p["width"], depth=p["depth"], heads=p["heads"],
                      mlp_dim=p["mlp_dim"], num_mask_tokens=p["num_mask_tokens"], grid=tuple(grid),
                      **_common(model_cfg), rngs=rngs)
+
+
+def build_ac_predictor(model_cfg, grid_hw: Sequence[int], action_dim: int, state_dim: int,
+                       rngs: nnx.Rngs) -> ACPredictor:
+    """The action-conditioned predictor described by config.model.ac_predictor, for frames with an (H', W')
+    patch grid."""
+    p = model_cfg.ac_predictor
+    for key in ("width", "depth", "heads"):
+        if int(p[key]) <= 0:
+            raise ValueError(f"config.model.ac_predictor.{key} must be positive, got {p[key]}")
+    return ACPredictor(encoder_width=resolved_dims(model_cfg)["encoder"]["width"], grid_hw=tuple(grid_hw),
+                       action_dim=action_dim, state_dim=state_dim, width=int(p.width), depth=int(p.depth),
+                       heads=int(p.heads), mlp_dim=int(_get(p, "mlp_dim")) or None, **_common(model_cfg),
+                       rngs=rngs)

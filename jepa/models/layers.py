@@ -81,8 +81,10 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "einsum") -> jax.Array:
-    """Softmax attention over all tokens, head-major q/k/v [B, H, N, D] -> [B, H, N, D]; q carries the scale.
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "einsum",
+              mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention, head-major q/k/v [B, H, N, D] -> [B, H, N, D]; q carries the scale. mask: optional bool
+    [Nq, Nk] (broadcastable), True where a query may attend to a key; None = every token sees every token.
 
     "einsum": two batched matmuls with scores and softmax in float32 (default; the head-major layout keeps
     both matmuls free of transposes, ~3x faster on CPU than [B, N, H, D] einsums); "xla" / "cudnn":
@@ -91,12 +93,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "einsum") ->
     """
     if impl == "einsum":
         s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:
+            s = jnp.where(mask, s, MASKED_SCORE)
         p = softmax(s).astype(v.dtype)
         return jnp.einsum("bhqk,bhkd->bhqd", p, v)
     if impl in ("xla", "cudnn"):
         t = lambda a: a.transpose(0, 2, 1, 3)
-        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=1.0, implementation=impl))
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, (*q.shape[:3], k.shape[2]))
+        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=1.0, implementation=impl, mask=mask))
     raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+
+
+MASKED_SCORE = -1e30  # finite: a fully masked row stays NaN-free (every query sees at least itself here)
 
 
 _SQRT_HALF = float(np.sqrt(0.5))
@@ -145,7 +154,7 @@ def remat_policy(remat: str):
 
 
 def block_forward(x: jax.Array, p: dict, cos_q, sin_q, cos_k, sin_k, *, heads: int, dtype,
-                  attention_impl: str = "einsum") -> jax.Array:
+                  attention_impl: str = "einsum", mask: jax.Array | None = None) -> jax.Array:
     """One pre-LN transformer block on the float32 residual x [B, N, w]; p holds one block's parameters;
     RoPE tables [B or 1, 1, N, R] (cos_q / sin_q carry the attention scale 1/sqrt(head_dim))."""
     b, n, w = x.shape
@@ -157,7 +166,7 @@ def block_forward(x: jax.Array, p: dict, cos_q, sin_q, cos_k, sin_k, *, heads: i
     qkv = qkv + p["qkv_bias"].reshape(3, 1, heads, 1, hd).astype(dtype)
     q = rope_lib.apply_rope(qkv[0], cos_q, sin_q)
     k = rope_lib.apply_rope(qkv[1], cos_k, sin_k)
-    o = attention(q, k, qkv[2], attention_impl)                              # [B, H, N, hd]
+    o = attention(q, k, qkv[2], attention_impl, mask)                            # [B, H, N, hd]
     proj = jnp.einsum("bhnd,hdw->bnw", o, p["proj_kernel"].reshape(heads, hd, w).astype(dtype))
     x = x + (proj + p["proj_bias"].astype(dtype)).astype(jnp.float32)
     h = layer_norm(x, p["norm2_scale"], p["norm2_bias"], dtype)
@@ -205,11 +214,13 @@ class Blocks(nnx.Module):
     PARAM_NAMES = ("norm1_scale", "norm1_bias", "qkv_kernel", "qkv_bias", "proj_kernel", "proj_bias",
                    "norm2_scale", "norm2_bias", "fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
 
-    def __call__(self, x: jax.Array, rope_tables: tuple, token_idx: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, rope_tables: tuple, token_idx: jax.Array | None,
+                 mask: jax.Array | None = None) -> jax.Array:
         """x [B, N, w] (any float dtype; the residual runs in float32) -> float32 [B, N, w].
 
         rope_tables: (cos, sin) numpy [L, R] over the whole grid (unscaled); token_idx [B, N] picks each token's
-        row, or None when x holds every grid token in order."""
+        row, or None when x holds every grid token in order. mask: optional bool [N, N], True where query i
+        may attend to key j (e.g. block-causal); None = full attention."""
         hd = self.width // self.heads
         cos, sin = rope_tables
         qscale = 1.0 / math.sqrt(hd)
@@ -219,7 +230,7 @@ class Blocks(nnx.Module):
 
         def body(carry, p):
             return block_forward(carry, p, cos_q, sin_q, cos_k, sin_k, heads=self.heads, dtype=self.dtype,
-                                 attention_impl=self.attention_impl), None
+                                 attention_impl=self.attention_impl, mask=mask), None
 
         policy = remat_policy(self.remat)
         if policy is not None:

@@ -72,7 +72,18 @@ def rope_tables(grid: Sequence[int], head_dim: int, layout: str, scale: float = 
     sign is folded into the sin table (even elements take -sin) and an optional `scale` (e.g. the attention
     1/sqrt(head_dim) for queries) into both, so applying RoPE is two multiplies and an add.
     """
-    ang = rope_angles(grid, head_dim, layout)
+    return _tables(rope_angles(grid, head_dim, layout), head_dim, scale)
+
+
+def time_only_tables(steps: np.ndarray, head_dim: int, layout: str):
+    """(cos, signed_sin) [n, head_dim] for tokens with a time position only (e.g. action and state tokens of the
+    action-conditioned predictor): the time slice rotates by `steps`, the height and width slices not at all."""
+    d = slice_dim(head_dim)
+    ang = axis_angles(np.asarray(steps), d, layout)
+    return _tables(np.concatenate([ang, np.zeros((ang.shape[0], 2 * d))], axis=-1), head_dim, 1.0)
+
+
+def _tables(ang: np.ndarray, head_dim: int, scale: float):
     pad = head_dim - ang.shape[-1]
     cos = np.concatenate([np.cos(ang), np.ones((ang.shape[0], pad))], axis=-1)
     sin = np.concatenate([np.sin(ang), np.zeros((ang.shape[0], pad))], axis=-1)

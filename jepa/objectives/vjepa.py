@@ -17,11 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jepa import models
 from jepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from jepa.metrics import effective_rank
+from jepa.metrics import effective_rank, vjepa_step_flops
+from jepa.optim import ema_update
 
 Params = Any
 
@@ -54,26 +56,48 @@ class VJEPA:
 
     encoder_def: Any
     predictor_def: Any
+    grid: tuple[int, int, int]     # (T', H', W') token grid of a clip
     mask_names: tuple[str, ...]
     mask_tokens: tuple[int, ...]   # the predictor mask token of each mask type
     loss_exponent: float = 1.0
+
+    has_ema = True  # the target encoder follows the online one
+    needs_masks = True
 
     @classmethod
     def from_config(cls, config, grid: Sequence[int]) -> VJEPA:
         enc = nnx.eval_shape(lambda: models.build_encoder(config.model, nnx.Rngs(0)))
         pred = nnx.eval_shape(lambda: models.build_predictor(config.model, tuple(grid), nnx.Rngs(0)))
-        return cls(encoder_def=nnx.graphdef(enc), predictor_def=nnx.graphdef(pred),
+        return cls(encoder_def=nnx.graphdef(enc), predictor_def=nnx.graphdef(pred), grid=tuple(grid),
                    mask_names=tuple(config.mask.types.keys()),
                    mask_tokens=tuple(int(t.mask_token) for t in config.mask.types.values()),
                    loss_exponent=float(config.loss.exponent))
 
-    # ---- parameters ----
-    def init(self, rng: jax.Array, config, grid: Sequence[int]) -> dict[str, Params]:
+    # ---- parameters: (trainable, EMA target encoder) ----
+    def init(self, rng: jax.Array, config) -> tuple[dict[str, Params], Params]:
         k_enc, k_pred = jax.random.split(rng)
         enc = models.build_encoder(config.model, nnx.Rngs(k_enc))
-        pred = models.build_predictor(config.model, tuple(grid), nnx.Rngs(k_pred))
-        return {"encoder": nnx.to_pure_dict(nnx.state(enc, nnx.Param)),
-                "predictor": nnx.to_pure_dict(nnx.state(pred, nnx.Param))}
+        pred = models.build_predictor(config.model, self.grid, nnx.Rngs(k_pred))
+        params = {"encoder": nnx.to_pure_dict(nnx.state(enc, nnx.Param)),
+                  "predictor": nnx.to_pure_dict(nnx.state(pred, nnx.Param))}
+        return params, params["encoder"]
+
+    def update_target(self, target: Params, params: dict[str, Params], momentum) -> Params:
+        return ema_update(target, params["encoder"], momentum)
+
+    def data_keys(self) -> list[str]:
+        return ["video"] + [f"{name}/{part}" for name in self.mask_names for part in ("context_idx", "target_idx")]
+
+    @staticmethod
+    def step_flops(config) -> float:
+        """Analytic model FLOPs of one train step over the global batch (see jepa/metrics.py)."""
+        from jepa.data import pipeline
+
+        dims = models.resolved_dims(config.model)
+        encoder = dict(dims["encoder"], patch_size=config.model.encoder.patch_size,
+                       tubelet_size=config.model.encoder.tubelet_size)
+        return vjepa_step_flops(int(np.prod(pipeline.token_grid(config))), pipeline.mask_lengths(config), encoder,
+                                dims["predictor"], config.train.global_batch_size)
 
     # ---- forward passes ----
     def encode(self, encoder_params: Params, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:

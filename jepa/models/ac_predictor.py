@@ -1,0 +1,103 @@
+"""V-JEPA 2-AC action-conditioned predictor: how frame representations evolve under actions.
+
+Inputs per time step t: the frozen encoder's patch tokens z_t [N, enc_w] of frame t (an H' x W' grid), the action
+a_t applied after frame t and the state s_t at frame t. Each step becomes the token group
+    [action token, state token, N patch tokens]
+(actions and states embedded by their own Linear layers, patches by Linear(enc_w -> w)); attention is
+block-causal (a token of step t sees every token of steps <= t, nothing later); patch tokens carry 3D RoPE at
+(t, h, w), action and state tokens only the time part. The patch outputs of step t, after LayerNorm and
+Linear(w -> enc_w), predict z_{t+1}; the state output predicts s_{t+1} (used where rollouts need future states).
+
+Checkpoint conversion (reference vjepa2 `VisionTransformerPredictorAC` -> ours): predictor_embed -> embed_*,
+action_encoder -> action_*, state_encoder -> state_*, predictor_blocks.{i} -> blocks.* as in jepa/models/vit.py,
+predictor_norm -> norm_*, predictor_proj -> proj_*. (The reference's extrinsics token is not modelled.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jepa.models import layers
+from jepa.models import rope as rope_lib
+
+NUM_COND_TOKENS = 2  # action, state
+
+
+def block_causal_mask(num_steps: int, tokens_per_step: int) -> np.ndarray:
+    """bool [L, L] with L = num_steps * tokens_per_step: query i may attend to key j iff step(j) <= step(i)."""
+    step = np.repeat(np.arange(num_steps), tokens_per_step)
+    return step[:, None] >= step[None, :]
+
+
+def ac_rope_tables(num_steps: int, grid_hw: tuple[int, int], head_dim: int, layout: str):
+    """(cos, sin) [num_steps * (2 + H' W'), head_dim] in token order: per step, the action and state tokens
+    (time only) then the patches (time, height, width)."""
+    h, w = grid_hw
+    patch_cos, patch_sin = rope_lib.rope_tables((num_steps, h, w), head_dim, layout)
+    cond_cos, cond_sin = rope_lib.time_only_tables(np.arange(num_steps), head_dim, layout)
+    n = h * w
+
+    def interleave(cond, patch):
+        cond = np.repeat(cond[:, None], NUM_COND_TOKENS, axis=1)                 # [T, 2, R]
+        return np.concatenate([cond, patch.reshape(num_steps, n, -1)], axis=1).reshape(-1, patch.shape[-1])
+
+    return interleave(cond_cos, patch_cos), interleave(cond_sin, patch_sin)
+
+
+class ACPredictor(nnx.Module):
+    """Only nnx.Param state: `nnx.split(model, nnx.Param)` captures everything."""
+
+    def __init__(self, *, encoder_width: int, grid_hw: tuple[int, int], action_dim: int, state_dim: int,
+                 width: int = 1024, depth: int = 24, heads: int = 16, mlp_dim: int | None = None,
+                 rope_layout: str = "reference", dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                 scan: bool = True, attention_impl: str = "einsum", rngs: nnx.Rngs):
+        if min(encoder_width, action_dim, state_dim) <= 0:
+            raise ValueError(f"encoder_width ({encoder_width}), action_dim ({action_dim}) and state_dim "
+                             f"({state_dim}) must be positive")
+        if len(grid_hw) != 2 or min(grid_hw) <= 0:
+            raise ValueError(f"grid_hw must be two positive sizes (H', W'), got {grid_hw}")
+        mlp_dim = mlp_dim or 4 * width
+        self.encoder_width, self.grid_hw = encoder_width, (int(grid_hw[0]), int(grid_hw[1]))
+        self.action_dim, self.state_dim = action_dim, state_dim
+        self.width, self.heads = width, heads
+        self.rope_layout = rope_lib.check_layout(rope_layout)
+        self.dtype = dtype
+        self.blocks = layers.Blocks(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dtype=dtype,
+                                    param_dtype=param_dtype, remat=remat, scan=scan,
+                                    attention_impl=attention_impl, rngs=rngs)
+        init = lambda *shape: nnx.Param(layers.trunc_normal(rngs.params(), shape, dtype=param_dtype))
+        zeros = lambda n: nnx.Param(jnp.zeros((n,), param_dtype))
+        self.embed_kernel, self.embed_bias = init(encoder_width, width), zeros(width)
+        self.action_kernel, self.action_bias = init(action_dim, width), zeros(width)
+        self.state_kernel, self.state_bias = init(state_dim, width), zeros(width)
+        self.norm_scale, self.norm_bias = nnx.Param(jnp.ones((width,), param_dtype)), zeros(width)
+        self.proj_kernel, self.proj_bias = init(width, encoder_width), zeros(encoder_width)
+        self.state_proj_kernel, self.state_proj_bias = init(width, state_dim), zeros(state_dim)
+
+    def __call__(self, z: jax.Array, actions: jax.Array, states: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """z [B, T, N, enc_w], actions [B, T, action_dim], states [B, T, state_dim] ->
+        (next-frame patch predictions float32 [B, T, N, enc_w], next-state predictions float32 [B, T, state_dim]);
+        output t depends only on inputs 0..t."""
+        b, t, n, e = z.shape
+        if n != self.grid_hw[0] * self.grid_hw[1] or e != self.encoder_width:
+            raise ValueError(f"z must be [B, T, {self.grid_hw[0] * self.grid_hw[1]}, {self.encoder_width}], "
+                             f"got {tuple(z.shape)}")
+        if actions.shape != (b, t, self.action_dim) or states.shape != (b, t, self.state_dim):
+            raise ValueError(f"actions / states must be [{b}, {t}, {self.action_dim}] / [{b}, {t}, "
+                             f"{self.state_dim}], got {tuple(actions.shape)} / {tuple(states.shape)}")
+        d = self.dtype
+        a = layers.dense(actions, self.action_kernel[...], self.action_bias[...], d)
+        s = layers.dense(states, self.state_kernel[...], self.state_bias[...], d)
+        p = layers.dense(z, self.embed_kernel[...], self.embed_bias[...], d)
+        x = jnp.concatenate([a[:, :, None], s[:, :, None], p], axis=2)            # [B, T, 2 + N, w]
+        per_step = NUM_COND_TOKENS + n
+        x = x.reshape(b, t * per_step, self.width)
+        tables = ac_rope_tables(t, self.grid_hw, self.width // self.heads, self.rope_layout)
+        x = self.blocks(x, tables, None, mask=jnp.asarray(block_causal_mask(t, per_step)))
+        x = layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], d).reshape(b, t, per_step, self.width)
+        patches = layers.dense(x[:, :, NUM_COND_TOKENS:], self.proj_kernel[...], self.proj_bias[...], d)
+        state = layers.dense(x[:, :, 1], self.state_proj_kernel[...], self.state_proj_bias[...], d)
+        return patches.astype(jnp.float32), state.astype(jnp.float32)
