@@ -115,6 +115,15 @@ def _parse_value(raw: str, current: Any) -> Any:
     return value
 
 
+def split_command(argv: Sequence[str], subcommand: str = "benchmark") -> tuple[bool, list[str], list[str]]:
+    """Command lines of the form `[SUBCOMMAND] [--flags] [--config.FIELD=VALUE ...]` ->
+    (whether the subcommand was given, the config overrides, the other arguments)."""
+    argv = list(argv)
+    sub = bool(argv) and argv[0] == subcommand
+    argv = argv[1:] if sub else argv
+    return (sub, [a for a in argv if a.startswith("--config.")], [a for a in argv if not a.startswith("--config.")])
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """`--config.a.b=value` strings (or `a.b=value`) onto the config; unknown fields raise ValueError."""
     for item in overrides:

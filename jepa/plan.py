@@ -16,7 +16,9 @@ the rest of the current plan, so the next step re-plans.
 The benchmark runs a fixed set of seeded episodes per domain with: CEM on the world model, CEM on the baseline
 world model (same architecture and training, randomly initialised frozen encoder), and uniformly random
 actions; it reports success rates, final distances and planning time per action, and saves an energy-landscape
-plot (energy vs. offset of one action dimension around the true action of a one-step goal).
+plot (energy vs. offset of one action dimension around the true action of a one-step goal) with the landscape
+error: the mean |offset| of the energy minimum over the episode seeds and action dimensions (0 = the energy is
+lowest at the true action).
 """
 
 from __future__ import annotations
@@ -172,26 +174,28 @@ def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, 
 # ---------------------------------------------------------------- energy landscape
 
 
-def energy_landscape(model: WorldModel, domain: str, seed: int, offsets: np.ndarray, resolution: int) -> dict:
-    """Energy of (true action + offset along one action dimension) for a one-step goal reached by the true
-    action: {"offsets", "energy": [action_dim, len(offsets)], "true_action"}. A good model has its minimum
-    near offset 0."""
+def energy_landscape(model: WorldModel, domain: str, seed: int, resolution: int, points: int = 41) -> dict:
+    """Energy of the true action of a one-step goal with one action dimension swept across its bounds:
+    {"offsets": [action_dim, points] (swept value - true value), "energy": [action_dim, points], "true_action"}.
+    A good model has its minimum near offset 0."""
     from jepa.data.world import make_env
     env = make_env(domain, seed, resolution)
     try:
         goal = make_goal(env, seed, 1)
         obs = env.reset(seed)
+        low, high = env.action_low, env.action_high
     finally:
         env.close()
     z = model.encode(obs["frame"][None])
     z_goal = model.encode(goal.frame[None])[0]
     true = goal.actions[0]
-    energies = []
+    offsets, energies = [], []
     for dim in range(true.shape[0]):
-        actions = np.repeat(true[None], len(offsets), axis=0)
-        actions[:, dim] += offsets
+        actions = np.repeat(true[None], points, axis=0)
+        actions[:, dim] = np.linspace(low[dim], high[dim], points)
+        offsets.append(actions[:, dim] - true[dim])
         energies.append(np.asarray(model.energy(z, None, z_goal, actions[:, None])))
-    return {"offsets": np.asarray(offsets).tolist(), "energy": np.stack(energies).tolist(),
+    return {"offsets": np.stack(offsets).tolist(), "energy": np.stack(energies).tolist(),
             "true_action": true.tolist()}
 
 
@@ -206,7 +210,7 @@ def plot_landscapes(landscapes: dict, path: str) -> None:
             energy = np.asarray(land["energy"])
             for dim, style in zip(range(energy.shape[0]), ("-", "--", ":")):
                 e = energy[dim]
-                ax.plot(land["offsets"], (e - e.min()) / max(float(np.ptp(e)), 1e-12), style, color=color,
+                ax.plot(land["offsets"][dim], (e - e.min()) / max(float(np.ptp(e)), 1e-12), style, color=color,
                         label=f"{name}, action dim {dim}")
         ax.axvline(0.0, color="gray", lw=0.8)
         ax.set(title=f"{domain}: energy around the true action", xlabel="offset from the true action",
@@ -242,8 +246,12 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
             log.info("%s / CEM, %s: %s", domain, name, per[f"CEM, {name}"]["success_rate"])
         per["random actions"] = evaluate(models["world model"], domain, seeds, "random", config)
         results["domains"][domain] = {"seeds": seeds, "success_radius": SUCCESS_RADIUS[domain], "methods": per}
-        offsets = np.linspace(-1.0, 1.0, 41)
-        landscapes[domain] = {name: energy_landscape(m, domain, seeds[0], offsets, res) for name, m in models.items()}
+        lands = {name: [energy_landscape(m, domain, s, res) for s in seeds] for name, m in models.items()}
+        for name, per_seed in lands.items():  # how far the energy minimum lies from the true action, on average
+            per[f"CEM, {name}"]["landscape_error"] = float(np.mean([
+                np.abs(np.asarray(land["offsets"])[d, np.argmin(np.asarray(land["energy"])[d])])
+                for land in per_seed for d in range(len(land["energy"]))]))
+        landscapes[domain] = {name: per_seed[0] for name, per_seed in lands.items()}
     results["energy_landscape"] = landscapes
     if output:
         os.makedirs(output, exist_ok=True)
@@ -254,12 +262,13 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
 
 
 def format_table(results: dict) -> str:
-    rows = [("domain", "method", "success", "final dist (m)", "initial dist (m)", "plan s/action", "flagged")]
+    rows = [("domain", "method", "success", "final dist (m)", "initial dist (m)", "plan s/action", "flagged",
+             "landscape err")]
     for domain, r in results["domains"].items():
         for method, m in r["methods"].items():
             rows.append((domain, method, f"{m['success_rate']:.2f}", f"{m['final_distance']:.3f}",
                          f"{m['initial_distance']:.3f}", f"{m['plan_seconds_per_action']:.3f}",
-                         str(m["flagged_steps"])))
+                         str(m["flagged_steps"]), f"{m['landscape_error']:.3f}" if "landscape_error" in m else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
     return "\n".join([line(rows[0]), "-+-".join("-" * w for w in widths), *map(line, rows[1:])])
@@ -270,12 +279,9 @@ def format_table(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     import argparse
-    argv = list(sys.argv[1:] if argv is None else argv)
-    bench = bool(argv) and argv[0] == "benchmark"
-    if bench:
-        argv = argv[1:]
-    overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
+
+    from jepa.export import split_command
+    bench, overrides, rest = split_command(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m jepa.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a world-model run (configs/world_model.py)")
     p.add_argument("--baseline_workdir", default="", help="benchmark: the random-encoder world model run")

@@ -409,7 +409,7 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
 # ---------------------------------------------------------------- world benchmark
 
 
-def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 4, batch_size: int = 32,
+def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, batch_size: int = 32,
               probes: Sequence[str] = ("linear",), epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
               overrides: Sequence[str] = (), depth: int = 1, progress: bool = True) -> dict:
     """Domain accuracy and state R^2 from frozen embeddings of the world dataset: the run's EMA encoder at
@@ -431,13 +431,39 @@ def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 4, b
                                                overrides=overrides, progress=progress)
                  for split in ("train", "validation", "test")}
         for probe in probes:
-            for task, target in (("classification", "domain"), ("regression", "states")):
-                r = run_probe(feats["train"], feats["validation"], feats["test"], task=task, target=target,
-                              probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth)
-                results.setdefault(name, {})[f"{probe}/{target}"] = r
+            kw = dict(probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth)
+            results.setdefault(name, {})[f"{probe}/domain"] = run_probe(
+                feats["train"], feats["validation"], feats["test"], task="classification", target="domain", **kw)
+            results[name][f"{probe}/states"] = per_domain_regression(feats, target="states", **kw)
         summary = export_lib.summarize(feats["test"])
         results[name]["effective_rank"] = summary["effective_rank"]
     return results
+
+
+def select_rows(feats, keep: np.ndarray):
+    """The Features rows where `keep` is True."""
+    keep = np.asarray(keep, bool)
+    take = lambda a: None if a is None else np.asarray(a)[keep]
+    return dataclasses.replace(feats, pooled=take(feats.pooled), patches=take(feats.patches),
+                               targets={k: take(v) for k, v in feats.targets.items()},
+                               rows=[r for r, k in zip(feats.rows, keep) if k])
+
+
+def per_domain_regression(feats: dict, *, target: str = "states", **probe_kw) -> dict:
+    """State regression with one probe grid per domain (state dimensions mean different things in each domain,
+    so one shared head would have to route by domain first); test R^2 averaged over domains."""
+    per = {}
+    for d in np.unique(np.asarray(feats["train"].targets["domain"])):
+        split = {k: select_rows(f, np.asarray(f.targets["domain"]) == d) for k, f in feats.items()}
+        if min(len(f) for f in split.values()) < 2:
+            continue
+        per[int(d)] = run_probe(split["train"], split["validation"], split["test"], task="regression",
+                                target=target, **probe_kw)
+    if not per:
+        raise ValueError("per-domain regression: no domain has rows in every split")
+    mean = lambda part: {m: float(np.nanmean([r[part][m] for r in per.values()])) for m in ("r2", "r2_pos", "r2_vel")}
+    return {"task": "regression", "target": target, "metric": "r2", "val": mean("val"), "test": mean("test"),
+            "per_domain": per}
 
 
 def format_table(results: dict) -> str:
@@ -471,12 +497,9 @@ def _floats(text: str, flag: str) -> list[float]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     import argparse
-    argv = list(sys.argv[1:] if argv is None else argv)
-    bench = bool(argv) and argv[0] == "benchmark"
-    if bench:
-        argv = argv[1:]
-    overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
+
+    from jepa.export import split_command
+    bench, overrides, rest = split_command(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m jepa.probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--features", help="export directory of the training split")
     p.add_argument("--val_features", help="export directory of the validation split (model selection)")
@@ -494,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--depth", type=int, default=1, help="attentive probe: self-attention blocks")
     p.add_argument("--heads", type=int, default=0, help="attentive probe: attention heads (0 = auto)")
-    p.add_argument("--num_segments", type=int, default=4, help="benchmark: windows per episode")
+    p.add_argument("--num_segments", type=int, default=8, help="benchmark: windows per episode")
     p.add_argument("--output", default="", help="write the result JSON here")
     args = p.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -57,6 +57,26 @@ def test_linear_regression_recovers_states_per_domain():
     assert r1["test"]["r2"] > 0.9
 
 
+def test_per_domain_regression_handles_domains_whose_states_mean_different_things():
+    """Domain 1's states are a different linear map of the features than domain 0's: one shared head cannot fit
+    both, one head per domain can."""
+    def remapped(n, seed):
+        f = synthetic(n, seed=seed)
+        other = np.random.default_rng(11).normal(size=(16, 4))
+        d1 = f.targets["domain"] == 1
+        f.targets["states"][d1, :, :4] = (f.pooled[d1] @ other)[:, None, :]
+        return f
+    feats = {"train": remapped(256, 0), "validation": remapped(96, 1), "test": remapped(96, 2)}
+    kw = dict(probe="linear", lrs=(3e-2,), wds=(0.0,), epochs=40, batch_size=32)
+    shared = probe_lib.run_probe(feats["train"], feats["validation"], feats["test"], task="regression",
+                                 target="states", **kw)
+    per = probe_lib.per_domain_regression(feats, target="states", **kw)
+    assert sorted(per["per_domain"]) == [0, 1]
+    assert per["test"]["r2"] > 0.9 and shared["test"]["r2"] < 0.8
+    subset = probe_lib.select_rows(feats["test"], feats["test"].targets["domain"] == 1)
+    assert len(subset) == 48 and (subset.targets["domain"] == 1).all()
+
+
 def test_regression_metric_known_answers():
     feats = synthetic(40, seed=3)
     stats = probe_lib.state_stats(feats, None)
