@@ -56,6 +56,7 @@ def get_config(arg: str = ""):
     c.plan = ml_collections.ConfigDict(dict(
         horizon=2, samples=64, elites=8, iterations=4, momentum=0.0, init_std=1.0, min_std=0.05,
         execute_steps=1,                # actions executed per plan before re-planning
+        context_frames=1,               # latest frames the planner conditions on (2 hurt reacher: 3/4 -> 0/4)
         episode_steps=20,               # control steps per planning episode
         goal_steps=10,                  # the goal: where random smooth actions take the system in this many steps
         surprise_quantile=0.99,         # monitor threshold: this quantile of surprise on unaltered clips

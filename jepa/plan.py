@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jepa.planning import CEMSettings, WorldModel
@@ -91,9 +92,10 @@ class Monitor:
 
 
 def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", settings: CEMSettings | None = None,
-                episode_steps: int = 25, goal_steps: int = 10, execute_steps: int = 1, monitor: Monitor | None = None,
-                record: bool = False) -> dict:
-    """One MPC episode toward the seed's goal. policy: "cem" (plan with the world model) or "random"."""
+                episode_steps: int = 25, goal_steps: int = 10, execute_steps: int = 1, context_frames: int = 1,
+                monitor: Monitor | None = None, record: bool = False) -> dict:
+    """One MPC episode toward the seed's goal. policy: "cem" (plan with the world model) or "random".
+    The planner and the monitor condition on the latest `context_frames` frames and the actions between them."""
     if policy not in ("cem", "random"):
         raise ValueError(f"policy: {policy!r} is not one of cem, random")
     settings = settings or CEMSettings()
@@ -103,7 +105,10 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
     low, high = env.action_low, env.action_high
     rng = np.random.default_rng([int(seed), 0xAC7])
     key = jax.random.PRNGKey(seed)
-    z = model.encode(obs["frame"][None])
+    if context_frames < 1:
+        raise ValueError(f"plan.context_frames must be >= 1, got {context_frames}")
+    seen = [model.encode(obs["frame"][None])[0]]   # representations of the observed frames
+    done: list[np.ndarray] = []                    # the actions executed between them
     dist = lambda: float(np.linalg.norm(env.effector_position() - goal.position))
     out = {"seed": int(seed), "distance": [dist()], "energy": [], "surprise": [], "flagged": [], "plan_time": [],
            "actions": []}
@@ -111,6 +116,8 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
     queue: list[np.ndarray] = []
     previous = None
     for t in range(episode_steps):
+        k = min(context_frames, len(seen))
+        z, past = jnp.stack(seen[-k:]), (np.stack(done[-(k - 1):]) if k > 1 else None)
         if policy == "random":
             action = rng.uniform(low, high)
         else:
@@ -118,15 +125,20 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
                 warm = None if previous is None else np.concatenate([previous[1:], previous[-1:]], axis=0)
                 key, sub = jax.random.split(key)
                 start = time.perf_counter()
-                plan, info = model.plan(z, None, z_goal, low, high, settings, sub, init_mean=warm)
+                plan, info = model.plan(z, None, z_goal, low, high, settings, sub, init_mean=warm,
+                                        past_actions=past)
                 out["plan_time"].append(time.perf_counter() - start)
                 out["energy"].append(float(info["best_energy"][-1]))
                 queue, previous = list(plan[:execute_steps]), plan
             action = queue.pop(0)
-        predicted = model.predict_next(z, np.asarray(action, np.float32)[None])[0]
+        action = np.asarray(action, np.float32)
+        context_actions = np.concatenate([past, action[None]]) if past is not None else action[None]
+        predicted = model.predict_next(z, context_actions)[-1]
         obs = env.step(action)
-        z = model.encode(obs["frame"][None])
-        surprise = float(np.mean(np.abs(np.asarray(predicted) - np.asarray(z[0]))))
+        seen.append(model.encode(obs["frame"][None])[0])
+        done.append(action)
+        seen, done = seen[-context_frames:], done[-context_frames:]
+        surprise = float(np.mean(np.abs(np.asarray(predicted) - np.asarray(seen[-1]))))
         out["surprise"].append(surprise)
         if monitor is not None and surprise > monitor.threshold:
             out["flagged"].append(t)
@@ -158,7 +170,8 @@ def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, 
     try:
         episodes = [run_episode(model, env, s, policy=policy, settings=settings_from(config),
                                 episode_steps=int(p.episode_steps), goal_steps=int(p.goal_steps),
-                                execute_steps=int(p.execute_steps), monitor=monitor) for s in seeds]
+                                execute_steps=int(p.execute_steps), context_frames=int(p.get("context_frames", 1)),
+                                monitor=monitor) for s in seeds]
     finally:
         env.close()
     times = [t for e in episodes for t in e["plan_time"][1:]]  # the first plan of a run includes compilation

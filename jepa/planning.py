@@ -124,36 +124,51 @@ class WorldModel:
         """Imagined frames after the observed ones: z [B, k, N, D], actions [B, k + H - 1, A] -> [B, H, N, D]."""
         return self._rollout(self.predictor_params, z, pad_actions(actions), pad_states(states, z.shape[1], z.shape[0]))
 
-    def energy(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, actions: np.ndarray) -> jax.Array:
-        """Energy [S] of action sequences [S, H, A] from the observed frames z [k, N, D] to goal [N, D]."""
+    def energy(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, actions: np.ndarray,
+               past_actions: np.ndarray | None = None) -> jax.Array:
+        """Energy [S] of action sequences [S, H, A] from the observed frames z [k, N, D] to goal [N, D];
+        past_actions [k - 1, A]: the actions executed between the observed frames (None: zeros)."""
         return latent_energy(self.objective, self.predictor_params, z, pad_states(states, z.shape[0]), goal,
-                             jnp.asarray(actions, jnp.float32))
+                             jnp.asarray(actions, jnp.float32), self._past(past_actions, z.shape[0]))
 
     def plan(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, low: np.ndarray, high: np.ndarray,
-             settings: CEMSettings, key: jax.Array, init_mean: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """CEM over [H, len(low)] action sequences from the observed frames z [k, N, D] to the goal [N, D]."""
+             settings: CEMSettings, key: jax.Array, init_mean: np.ndarray | None = None,
+             past_actions: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """CEM over [H, len(low)] action sequences from the observed frames z [k, N, D] (the newest last; the
+        k - 1 actions executed between them in past_actions) to the goal [N, D]."""
         if settings not in self._plans:
             objective = self.objective
 
-            def plan_fn(predictor_params, z, states, goal, low, high, key, init_mean):
-                energy = lambda a: latent_energy(objective, predictor_params, z, states, goal, a)
+            def plan_fn(predictor_params, z, states, goal, low, high, key, init_mean, past):
+                energy = lambda a: latent_energy(objective, predictor_params, z, states, goal, a, past)
                 return cem(energy, key, low, high, settings, init_mean)
             self._plans[settings] = jax.jit(plan_fn)
         low, high = np.asarray(low, np.float32), np.asarray(high, np.float32)
         mean = (np.broadcast_to((high + low) / 2, (settings.horizon, low.shape[0]))
                 if init_mean is None else np.asarray(init_mean, np.float32))
         plan, info = self._plans[settings](self.predictor_params, z, pad_states(states, z.shape[0]), goal, low, high,
-                                           key, mean)
+                                           key, mean, self._past(past_actions, z.shape[0]))
         return np.asarray(plan), {k: np.asarray(v) for k, v in info.items()}
 
+    @staticmethod
+    def _past(past_actions, k: int) -> jax.Array:
+        if past_actions is None:
+            return jnp.zeros((k - 1, A_MAX), jnp.float32)
+        past = pad_actions(np.asarray(past_actions, np.float32).reshape(-1, np.shape(past_actions)[-1]))
+        if past.shape[0] != k - 1:
+            raise ValueError(f"past_actions: {past.shape[0]} actions for {k} observed frames, need {k - 1}")
+        return past
 
-def latent_energy(objective, predictor_params, z, states, goal, actions) -> jax.Array:
+
+def latent_energy(objective, predictor_params, z, states, goal, actions, past_actions) -> jax.Array:
     """Mean L1 distance between the representation predicted after each action sequence and the goal's.
 
-    z [k, N, D] observed frames (the newest last), states [k, S_MAX], goal [N, D], actions [S, H, A] -> [S].
-    Only the newest frame's action is planned: actions between earlier observed frames are taken as zero."""
-    samples, k = actions.shape[0], z.shape[0]
-    seq = jnp.concatenate([jnp.zeros((samples, k - 1, A_MAX), jnp.float32), pad_actions(actions)], axis=1)
+    z [k, N, D] observed frames (the newest last), states [k, S_MAX], goal [N, D], actions [S, H, A] planned
+    from the newest frame, past_actions [k - 1, A_MAX] executed between the observed frames -> [S]. Several
+    observed frames show velocities, which a single frame cannot (see plan.context_frames)."""
+    samples = actions.shape[0]
+    past = jnp.broadcast_to(past_actions[None], (samples, *past_actions.shape))
+    seq = jnp.concatenate([past, pad_actions(actions)], axis=1)
     zs = jnp.broadcast_to(z[None], (samples, *z.shape))
     ss = jnp.broadcast_to(states[None], (samples, *states.shape))
     final = objective.rollout(predictor_params, zs, seq, ss)[:, -1]

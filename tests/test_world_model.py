@@ -300,7 +300,7 @@ def test_planner_actions_stay_within_bounds(wm_run):
     try:
         episode = plan.run_episode(model, env, 5, settings=planning.CEMSettings(horizon=2, samples=16, elites=4,
                                                                                  iterations=2, init_std=4.0),
-                                   episode_steps=3, goal_steps=3, execute_steps=2)
+                                   episode_steps=3, goal_steps=3, execute_steps=2, context_frames=2)
     finally:
         env.close()
     actions = np.asarray(episode["actions"])

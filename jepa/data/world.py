@@ -367,7 +367,8 @@ class World(tfds.core.GeneratorBasedBuilder):
 
     name = "jepa_world"
     VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "point_mass/easy added (label 8) to every preset; the control preset."}
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "point_mass/easy added (label 8) to every preset; the control preset."}
     BUILDER_CONFIGS = [make_config(p) for p in PRESETS]
     DEFAULT_CONFIG_NAME = "default"
 
