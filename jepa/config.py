@@ -137,6 +137,8 @@ def validate(c: ConfigDict) -> None:
              f"{c.encoder_weights!r} is not one of pretrained, random")
         need(c.encoder_weights == "random" or bool(c.encoder_from), "encoder_from",
              "the world model needs a pretraining run's workdir (or --config.encoder_weights=random)")
+        need(not c.get("evals"), "evals", "periodic evaluations (kNN, probes) embed clips with the V-JEPA clip "
+             "encoder; world-model runs do not run them (probe the pretraining run instead)")
     need(d.resolution % e.patch_size == 0, "data.resolution",
          f"{d.resolution} is not divisible by model.encoder.patch_size={e.patch_size}")
     need(len(d.sources) > 0, "data.sources", "no data source configured")

@@ -172,6 +172,10 @@ def test_world_model_config_fails_fast_without_an_encoder():
     c.world_model.rollout_steps = 4
     with pytest.raises(ValueError, match="rollout_steps"):
         config_lib.validate(c)
+    c.world_model.rollout_steps = 2
+    c.evals = {"knn": dict(every=10)}
+    with pytest.raises(ValueError, match="config.evals"):
+        config_lib.validate(c)
 
 
 # ---------------------------------------------------------------- CEM
