@@ -157,18 +157,15 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
     return out
 
 
-def settings_from(config) -> CEMSettings:
-    return CEMSettings.from_config(config.plan)
-
-
 def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, config,
              monitor: Monitor | None = None) -> dict:
     """Episodes over `seeds`: success rate, final distances, planning time per action."""
     from jepa.data.world import make_env
     p = config.plan
+    settings = CEMSettings.from_config(p)
     env = make_env(domain, seeds[0], int(config.data.resolution))
     try:
-        episodes = [run_episode(model, env, s, policy=policy, settings=settings_from(config),
+        episodes = [run_episode(model, env, s, policy=policy, settings=settings,
                                 episode_steps=int(p.episode_steps), goal_steps=int(p.goal_steps),
                                 execute_steps=int(p.execute_steps), context_frames=int(p.get("context_frames", 1)),
                                 monitor=monitor) for s in seeds]
@@ -187,18 +184,13 @@ def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, 
 # ---------------------------------------------------------------- energy landscape
 
 
-def energy_landscape(model: WorldModel, domain: str, seed: int, resolution: int, points: int = 41) -> dict:
-    """Energy of the true action of a one-step goal with one action dimension swept across its bounds:
+def energy_landscape(model: WorldModel, env, seed: int, points: int = 41) -> dict:
+    """Energy of the true action of the seed's one-step goal with one action dimension swept across its bounds:
     {"offsets": [action_dim, points] (swept value - true value), "energy": [action_dim, points], "true_action"}.
     A good model has its minimum near offset 0."""
-    from jepa.data.world import make_env
-    env = make_env(domain, seed, resolution)
-    try:
-        goal = make_goal(env, seed, 1)
-        obs = env.reset(seed)
-        low, high = env.action_low, env.action_high
-    finally:
-        env.close()
+    goal = make_goal(env, seed, 1)
+    obs = env.reset(seed)
+    low, high = env.action_low, env.action_high
     z = model.encode(obs["frame"][None])
     z_goal = model.encode(goal.frame[None])[0]
     true = goal.actions[0]
@@ -241,6 +233,7 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
               episodes: int = 10, output: str = "", config_overrides: Sequence[str] = ()) -> dict:
     from jepa import export as export_lib
     from jepa import surprise as surprise_lib
+    from jepa.data.world import make_env
     models = {"world model": WorldModel.load(workdir)}
     if baseline_workdir:
         models["random-encoder world model"] = WorldModel.load(baseline_workdir)
@@ -259,7 +252,11 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
             log.info("%s / CEM, %s: %s", domain, name, per[f"CEM, {name}"]["success_rate"])
         per["random actions"] = evaluate(models["world model"], domain, seeds, "random", config)
         results["domains"][domain] = {"seeds": seeds, "success_radius": SUCCESS_RADIUS[domain], "methods": per}
-        lands = {name: [energy_landscape(m, domain, s, res) for s in seeds] for name, m in models.items()}
+        env = make_env(domain, seeds[0], res)
+        try:
+            lands = {name: [energy_landscape(m, env, s) for s in seeds] for name, m in models.items()}
+        finally:
+            env.close()
         for name, per_seed in lands.items():  # how far the energy minimum lies from the true action, on average
             per[f"CEM, {name}"]["landscape_error"] = float(np.mean([
                 np.abs(np.asarray(land["offsets"])[d, np.argmin(np.asarray(land["energy"])[d])])

@@ -14,6 +14,7 @@ representation after the last planned action and the goal image's representation
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -92,7 +93,7 @@ class WorldModel:
         obj = self.objective
         self._encode = jax.jit(lambda p, frames: obj.encode_frames(p, frames[None])[0])
         self._predict = jax.jit(lambda p, z, a, s: obj.predict(p, z[None], a[None], s[None])[0][0])
-        self._rollout = jax.jit(lambda p, z, a, s: obj.rollout(p, z, a, s))
+        self._energy = jax.jit(functools.partial(latent_energy, obj))
         self._plans: dict[CEMSettings, Callable] = {}
 
     @classmethod
@@ -120,16 +121,12 @@ class WorldModel:
         frame t + 1 from frames 0..t and actions 0..t)."""
         return self._predict(self.predictor_params, z, pad_actions(actions), pad_states(states, z.shape[0]))
 
-    def rollout(self, z: jax.Array, actions: np.ndarray, states: np.ndarray | None = None) -> jax.Array:
-        """Imagined frames after the observed ones: z [B, k, N, D], actions [B, k + H - 1, A] -> [B, H, N, D]."""
-        return self._rollout(self.predictor_params, z, pad_actions(actions), pad_states(states, z.shape[1], z.shape[0]))
-
     def energy(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, actions: np.ndarray,
                past_actions: np.ndarray | None = None) -> jax.Array:
         """Energy [S] of action sequences [S, H, A] from the observed frames z [k, N, D] to goal [N, D];
         past_actions [k - 1, A]: the actions executed between the observed frames (None: zeros)."""
-        return latent_energy(self.objective, self.predictor_params, z, pad_states(states, z.shape[0]), goal,
-                             jnp.asarray(actions, jnp.float32), self._past(past_actions, z.shape[0]))
+        return self._energy(self.predictor_params, z, pad_states(states, z.shape[0]), goal,
+                            jnp.asarray(actions, jnp.float32), self._past(past_actions, z.shape[0]))
 
     def plan(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, low: np.ndarray, high: np.ndarray,
              settings: CEMSettings, key: jax.Array, init_mean: np.ndarray | None = None,
@@ -183,10 +180,9 @@ def pad_actions(actions) -> jax.Array:
     return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, A_MAX - a.shape[-1])])
 
 
-def pad_states(states, k: int, batch: int | None = None) -> jax.Array:
-    """States [.., k, S] zero-padded to S_MAX, or zeros when None (models trained with state_source="none")."""
-    shape = (k, S_MAX) if batch is None else (batch, k, S_MAX)
+def pad_states(states, k: int) -> jax.Array:
+    """States [k, S] zero-padded to S_MAX, or zeros when None (models trained with state_source="none")."""
     if states is None:
-        return jnp.zeros(shape, jnp.float32)
+        return jnp.zeros((k, S_MAX), jnp.float32)
     s = jnp.asarray(states, jnp.float32)
     return jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, S_MAX - s.shape[-1])])

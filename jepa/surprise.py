@@ -146,7 +146,7 @@ def render_hidden(record: dict, indices: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def _world_records(config, split: str):
+def world_records(config, split: str):
     from jepa.data import pipeline
     sources = [s for s in config.data.sources.values() if s.kind == "world"]
     if not sources:
@@ -160,7 +160,7 @@ def calibrate_threshold(model, quantile: float = 0.99, split: str = "validation"
     """The `quantile` of per-step world-model surprise over unaltered clips of the run's `split`."""
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"plan.surprise_quantile must lie in (0, 1], got {quantile}")
-    source = _world_records(model.config, split)
+    source = world_records(model.config, split)
     values = []
     for i in range(min(len(source), max_clips)):
         r = source[i]
@@ -181,7 +181,7 @@ def benchmark(workdir: str, *, video_workdir: str = "", split: str = "test", cli
     if video_workdir:
         video = VideoPredictor(video_workdir)
         scorers["video"] = lambda frames, actions: video.surprise(frames)
-    source = _world_records(model.config, split)
+    source = world_records(model.config, split)
     at = length // 2
     scores = {name: {"unaltered": [], **{k: [] for k in kinds}} for name in scorers}
     for i in range(min(clips, len(source))):

@@ -3,8 +3,8 @@ trained run (6 steps) that export / probe / notebook tests read. All session-sco
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 
 import pytest
 
@@ -12,13 +12,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 
-def load_config(arg="tiny"):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import quickstart
-    finally:
-        sys.path.pop(0)
-    return quickstart.get_config(arg)
+def load_config(arg="tiny", name="quickstart"):
+    """get_config(arg) of configs/NAME.py."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def local_config(world_dir, jax_cache, arg="tiny", name="quickstart"):
+    """A config reading the session's tiny world dataset and compiling into the session's JAX cache."""
+    c = load_config(arg, name)
+    c.data.sources.world.data_dir = world_dir
+    c.train.compilation_cache = jax_cache
+    return c
 
 
 @pytest.fixture(scope="session")
@@ -37,19 +44,14 @@ def jax_cache(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(world_dir, jax_cache):
-    c = load_config("tiny")
-    c.data.sources.world.data_dir = world_dir
-    c.train.compilation_cache = jax_cache
-    return c
+    return local_config(world_dir, jax_cache)
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, world_dir, jax_cache):
     """A workdir with config.json and checkpoints at steps 3 and 6 of the tiny quick-start config."""
     from jepa import train as train_lib
-    c = load_config("tiny")
-    c.data.sources.world.data_dir = world_dir
-    c.train.compilation_cache = jax_cache
+    c = local_config(world_dir, jax_cache)
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
     train_lib.train(c, workdir)
     return workdir

@@ -12,40 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, load_config, local_config
 from flax import nnx
 
 from jepa import planning
 from jepa.models import ac_predictor, rope
 from jepa.models.ac_predictor import ACPredictor
 
-WORLD_MODEL = os.path.join(REPO, "configs", "world_model.py")
-
-
-def load_wm_config(arg="tiny"):
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    try:
-        import world_model
-    finally:
-        sys.path.pop(0)
-    return world_model.get_config(arg)
-
 
 @pytest.fixture
 def wm_config(world_dir, jax_cache):
-    c = load_wm_config("tiny")
-    c.data.sources.world.data_dir = world_dir
-    c.train.compilation_cache = jax_cache
-    return c
+    return local_config(world_dir, jax_cache, name="world_model")
 
 
 @pytest.fixture(scope="module")
 def wm_run(tmp_path_factory, world_dir, jax_cache):
     """A tiny world model trained 120 steps (random frozen encoder) on the tiny world dataset (~25 s)."""
     from jepa import train as train_lib
-    c = load_wm_config("tiny")
-    c.data.sources.world.data_dir = world_dir
-    c.train.compilation_cache = jax_cache
+    c = local_config(world_dir, jax_cache, name="world_model")
     c.train.total_steps = 120
     c.train.checkpoint_every = 120
     c.train.log_every = 10
@@ -165,7 +149,7 @@ def test_rollout_feeds_back_its_own_predictions(wm_config):
 
 def test_world_model_config_fails_fast_without_an_encoder():
     from jepa import config as config_lib
-    c = load_wm_config("")
+    c = load_config("", name="world_model")
     with pytest.raises(ValueError, match="encoder_from"):
         config_lib.validate(c)
     c.encoder_weights = "random"
@@ -247,7 +231,7 @@ def test_surprise_is_higher_on_a_teleport(wm_run):
     the surprise of the step that predicts frame 4 is higher with the teleport in most windows."""
     from jepa import surprise
     model = planning.WorldModel.load(wm_run)
-    source = surprise._world_records(model.config, "train")
+    source = surprise.world_records(model.config, "train")
     at, length = 4, 8
     gaps = []
     for i in range(len(source)):

@@ -102,12 +102,10 @@ class ActionConditioned:
         horizon = actions.shape[1] - k + 1
         if horizon < 1:
             raise ValueError(f"rollout: {actions.shape[1]} actions for {k} observed frames, need at least {k}")
-        states = self.states_of(states)
-        for i in range(horizon):
-            n = k + i
-            z_next, s_next = self.predict(predictor_params, z, actions[:, :n], states)
+        for i in range(horizon):  # predict() feeds states only when state_source is "physics"
+            z_next, s_next = self.predict(predictor_params, z, actions[:, :k + i], states)
             z = jnp.concatenate([z, z_next[:, -1:]], axis=1)
-            states = jnp.concatenate([states, self.states_of(s_next[:, -1:])], axis=1)
+            states = jnp.concatenate([states, s_next[:, -1:]], axis=1)
         return z[:, k:]
 
     # ---- the loss ----
