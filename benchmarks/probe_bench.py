@@ -1,9 +1,11 @@
 """World-dataset probe benchmark: a run's EMA encoder vs the same architecture at random initialisation.
 
-    python benchmarks/probe_bench.py --workdir=RUN [--probe=linear,attentive] [--epochs=30] [--config.FIELD=...]
+    python benchmarks/probe_bench.py --workdir=RUN [--probe=linear,ridge,attentive] [--target=keypoints[-1],states]
+        [--config.FIELD=...]
 
 Same as `python -m jepa.probe benchmark ...` (see jepa/probe.py): domain classification accuracy and per-domain
-normalised physical-state R^2 (positions, velocities), fitted on train, chosen on validation, reported on test.
+normalised R^2 of the last frame's image keypoints (positions) and their image velocity, fitted on train, chosen
+on validation, reported on test.
 """
 
 import sys

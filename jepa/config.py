@@ -16,10 +16,11 @@ ConfigDict = ml_collections.ConfigDict
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "jepa", "data")
 
 
-def world_source(preset: str = "default", split: str = "train", weight: float = 1.0) -> ConfigDict:
-    """The embedded MuJoCo world dataset: generated once into data_dir, then read as a TFDS ArrayRecord dataset."""
+def world_source(preset: str = "default", split: str = "train", weight: float = 1.0, episodes: int = 0) -> ConfigDict:
+    """The embedded MuJoCo world dataset: generated once into data_dir, then read as a TFDS ArrayRecord dataset.
+    episodes > 0 replaces the preset's episode count (a dataset of its own, cached beside the preset)."""
     return ConfigDict(dict(kind="world", name="jepa_world", data_dir=DEFAULT_DATA_DIR, split=split, path="",
-                           weight=weight, preset=preset))
+                           weight=weight, preset=preset, episodes=episodes))
 
 
 def folder_source(name: str, data_dir: str = DEFAULT_DATA_DIR, split: str = "train",

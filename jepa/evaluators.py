@@ -56,6 +56,9 @@ def _settings(name: str, entry) -> dict:
         raise ValueError(f"config.evals.{name}.every: must be >= 1, got {settings['every']}")
     if int(settings["max_clips"]) < 1:
         raise ValueError(f"config.evals.{name}.max_clips: must be >= 1, got {settings['max_clips']}")
+    if kind == "probe" and settings["probe"] != "linear":
+        raise ValueError(f"config.evals.{name}.probe: {settings['probe']!r}; evaluators embed pooled vectors only, "
+                         "so the probe must be 'linear' (patch-token probes: python -m jepa.probe)")
     return settings
 
 

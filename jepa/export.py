@@ -66,6 +66,9 @@ def _merge(base: ml_collections.ConfigDict, saved: dict, prefix: str = "") -> No
         path = f"{prefix}{key}"
         current = base.get(key) if key in base else None
         if path in _NAMED_DICTS or not isinstance(current, ml_collections.ConfigDict):
+            if path == "data.sources" and isinstance(value, dict):  # world-source fields added since the run
+                value = {name: {**config_lib.world_source().to_dict(), **src} if src.get("kind") == "world" else src
+                         for name, src in value.items()}
             if isinstance(value, dict):
                 value = ml_collections.ConfigDict(value)
             elif isinstance(value, list) and isinstance(current, tuple):

@@ -1,20 +1,24 @@
-"""Probes on frozen embeddings: attentive (patch tokens) and linear (pooled vectors), a learning-rate x
-weight-decay grid trained in parallel in one jitted program, chosen on validation, reported on test.
+"""Probes on frozen embeddings: linear (pooled vectors), ridge (the patch-token map, closed form) and attentive
+(patch tokens); each fits a grid (lr x wd trained in parallel in one jitted program, or ridge strengths), chosen on
+validation, reported on test.
 
     python -m jepa.probe --features=EXP_TRAIN --val_features=EXP_VAL --test_features=EXP_TEST \
         --task=classification --target=label --probe=linear [--lrs=1e-3,3e-3 --wds=0.01,0.1]
-    python -m jepa.probe --workdir=RUN --task=regression --target=states --probe=attentive   # encode on the fly
-    python -m jepa.probe benchmark --workdir=RUN    # world dataset: domain accuracy and state R^2 vs random init
+    python -m jepa.probe --workdir=RUN --task=regression --target=keypoints[-1] --probe=ridge   # encode on the fly
+    python -m jepa.probe benchmark --workdir=RUN    # world dataset: domain accuracy and keypoint R^2 vs random init
 
 Targets: `label` / `domain` (classification; predictions averaged over the windows of one clip id, i.e.
-multi-segment evaluation), `states` (every sampled frame) or `states[t]` (frame t of the window, e.g. states[-1])
-for regression. States (qpos then qvel, zero-padded) are normalised per domain and dimension with the training
-split's statistics; padding dimensions and constant ones are masked out. R^2 is computed per (domain, dimension)
-against the test set's own within-domain mean, then averaged, separately for positions and velocities.
+multi-segment evaluation); for regression `states` (qpos then qvel, zero-padded) or `keypoints` (image positions
+of the moving geoms, then their displacement since the previous sampled frame), on every sampled frame or on frame
+t of the window (`keypoints[t]`, e.g. keypoints[-1]; patch-token probes then read the tokens of that frame's
+tubelet). Regression targets are normalised per domain and dimension with the training split's statistics;
+padding dimensions and constant ones are masked out. R^2 is 1 - SSE / SST summed over (domain, dimension) pairs
+against the test set's own within-domain mean, separately for positions and velocities.
 
 The attentive probe follows V-JEPA 2: `depth` pre-LN self-attention blocks over the patch tokens, one
-cross-attention block with a learned query per output head, then a linear layer. All grid members start from the
-same initialisation and see the same minibatches; only their learning rate and weight decay differ (jax.vmap).
+cross-attention block with a learned query per output head, then a linear layer; it adds learned token-position
+embeddings (see ProbeModel). All grid members start from the same initialisation and see the same minibatches; only
+their learning rate and weight decay differ (jax.vmap).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from jepa.models import layers as layers_lib
 
 log = logging.getLogger(__name__)
 
+PROBES = ("linear", "ridge", "attentive")
+BENCHMARK_EPISODES = 1152  # 3x the default preset: ~13 validation and ~13 test episodes per domain
+RIDGE_ALPHAS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)  # x the mean eigenvalue of the training Gram matrix
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 DEFAULT_WDS = (0.001, 0.01, 0.1, 0.4)
 
@@ -56,55 +63,104 @@ class Task:
     part: np.ndarray | None       # [N, K] 0 = position, 1 = velocity (regression on states)
 
 
+REGRESSION_TARGETS = ("states", "keypoints")
+
+
 def parse_target(target: str) -> tuple[str, int | None]:
-    m = re.fullmatch(r"(label|domain|states)(?:\[(-?\d+)\])?", target.strip())
-    if not m or (m.group(2) is not None and m.group(1) != "states"):
-        raise ValueError(f"--target: {target!r} is not one of label, domain, states, states[FRAME]")
+    m = re.fullmatch(r"(label|domain|states|keypoints)(?:\[(-?\d+)\])?", target.strip())
+    if not m or (m.group(2) is not None and m.group(1) not in REGRESSION_TARGETS):
+        raise ValueError(f"--target: {target!r} is not one of label, domain, states, states[FRAME], keypoints, "
+                         "keypoints[FRAME]")
     return m.group(1), None if m.group(2) is None else int(m.group(2))
 
 
-def state_stats(feats, frame: int | None) -> dict:
-    """Per-domain mean/std of the states (training split) and which dimensions are real (not padding/constant)."""
-    states, domains = _states(feats, frame)
+def state_stats(feats, name: str, frame: int | None) -> dict:
+    """Per-domain mean/std of a regression target (training split) and which dimensions are real (not
+    padding/constant), plus how many leading dimensions are positions."""
+    values, domains = _regression_values(feats, name, frame)
     stats = {}
     for d in np.unique(domains):
-        s = states[domains == d].reshape(-1, states.shape[-1])
+        s = values[domains == d].reshape(-1, values.shape[-1])
         mean, std = s.mean(0), s.std(0)
-        dims = _state_dims(feats, domains == d)
-        valid = (std > 1e-6) & (np.arange(states.shape[-1]) < dims[0])
-        stats[int(d)] = {"mean": mean, "std": np.where(valid, std, 1.0), "valid": valid, "num_qpos": dims[1]}
+        dims, num_pos = _target_dims(feats, name, domains == d)
+        valid = (std > 1e-6) & (np.arange(values.shape[-1]) < dims)
+        stats[int(d)] = {"mean": mean, "std": np.where(valid, std, 1.0), "valid": valid, "num_pos": num_pos}
     return stats
 
 
-def _states(feats, frame):
+def add_keypoints(feats) -> None:
+    """Caches targets["keypoints"] [N, T, MAX_KEYPOINTS, 2]: the image positions of the moving geoms in each
+    sampled frame, computed from the stored physics states (jepa.data.world.image_keypoints)."""
+    if "keypoints" in feats.targets:
+        return
+    from jepa.data import world
+    states, domains = _regression_values(feats, "states", None)
+    out = np.zeros((*states.shape[:2], world.MAX_KEYPOINTS, 2), np.float32)
+    for i, (row, d) in enumerate(zip(feats.rows, domains)):
+        out[i] = world.image_keypoints(int(d), states[i], int(row["num_qpos"]))
+    feats.targets["keypoints"] = out
+
+
+def _regression_values(feats, name: str, frame: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """[N, T, S] targets and [N] domains. states: qpos then qvel. keypoints: geom image positions (u, v) then their
+    displacement since the previous sampled frame (image velocity)."""
     if "states" not in feats.targets or "domain" not in feats.targets:
-        raise ValueError("--target=states needs features of the world dataset (no 'states'/'domain' arrays)")
-    states = np.asarray(feats.targets["states"], np.float32)          # [N, T, S]
+        raise ValueError(f"--target={name} needs features of the world dataset (no 'states'/'domain' arrays)")
+    if name == "keypoints":
+        add_keypoints(feats)
+        kp = feats.targets["keypoints"]
+        kp = kp.reshape(*kp.shape[:2], -1)
+        if kp.shape[1] < 2:
+            raise ValueError("--target=keypoints needs windows of at least 2 frames (image velocity)")
+        step = np.concatenate([kp[:, 1:2] - kp[:, :1], kp[:, 1:] - kp[:, :-1]], axis=1)
+        values = np.concatenate([kp, step], axis=-1)
+    else:
+        values = np.asarray(feats.targets["states"], np.float32)          # [N, T, S]
     if frame is not None:
-        if not -states.shape[1] <= frame < states.shape[1]:
-            raise ValueError(f"--target: frame {frame} is out of range for windows of {states.shape[1]} frames")
-        states = states[:, frame:frame + 1 if frame != -1 else None]
-    return states, np.asarray(feats.targets["domain"])
+        if not -values.shape[1] <= frame < values.shape[1]:
+            raise ValueError(f"--target: frame {frame} is out of range for windows of {values.shape[1]} frames")
+        values = values[:, frame:frame + 1 if frame != -1 else None]
+    return values, np.asarray(feats.targets["domain"])
 
 
-def _state_dims(feats, rows_mask) -> tuple[int, int]:
+def _target_dims(feats, name: str, rows_mask) -> tuple[int, int]:
+    """(real dimensions, leading position dimensions) of one domain's rows."""
     rows = [r for r, keep in zip(feats.rows, rows_mask) if keep]
     if not rows or "state_dim" not in rows[0]:
-        raise ValueError("--target=states: the features' rows lack state_dim/num_qpos (export the world dataset)")
+        raise ValueError(f"--target={name}: the features' rows lack state_dim/num_qpos (export the world dataset)")
+    if name == "keypoints":
+        from jepa.data import world
+        return 4 * world.MAX_KEYPOINTS, 2 * world.MAX_KEYPOINTS
     return int(rows[0]["state_dim"]), int(rows[0]["num_qpos"])
+
+
+def frame_tokens(patches: np.ndarray, meta: dict, frame: int) -> np.ndarray:
+    """[N, H'W', D]: the patch tokens of the tubelet that holds window frame `frame` (targets of one frame are
+    read from the tokens that saw it; the rest of the window only adds dimensions to fit)."""
+    grid, frames = meta.get("grid"), meta.get("num_frames")
+    if not grid or not frames or int(np.prod(grid)) != patches.shape[1]:
+        return patches
+    t_tokens = int(grid[0])
+    tubelet = int(frames) // t_tokens
+    t = (frame % int(frames)) // tubelet
+    return patches.reshape(len(patches), t_tokens, -1, patches.shape[-1])[:, t]
 
 
 def make_task(feats, kind: str, target: str, probe: str, stats: dict | None = None) -> Task:
     """Inputs and targets of one split. Regression needs `stats` from the training split (state_stats)."""
     name, frame = parse_target(target)
-    if probe == "attentive":
+    if probe in ("attentive", "ridge"):
         if feats.patches is None:
-            raise ValueError("--probe=attentive needs patch features (export with --features=pooled,patches)")
+            raise ValueError(f"--probe={probe} needs patch features (export with --features=pooled,patches)")
         x = np.asarray(feats.patches, np.float32)
+        if kind == "regression" and frame is not None:
+            x = frame_tokens(x, feats.meta, frame)
+        if probe == "ridge":
+            x = x.reshape(len(x), -1)
     elif probe == "linear":
         x = np.asarray(feats.pooled, np.float32)
     else:
-        raise ValueError(f"--probe: {probe!r} is not one of attentive, linear")
+        raise ValueError(f"--probe: {probe!r} is not one of {', '.join(PROBES)}")
     ids = feats.clip_ids
     lookup = {c: i for i, c in enumerate(dict.fromkeys(ids))}
     groups = np.asarray([lookup[c] for c in ids], np.int32)
@@ -121,11 +177,11 @@ def make_task(feats, kind: str, target: str, probe: str, stats: dict | None = No
         return Task(x=x[keep], y=y[keep], mask=None, groups=groups[keep], domain=domain[keep], part=None)
     if kind != "regression":
         raise ValueError(f"--task: {kind!r} is not one of classification, regression")
-    if name != "states":
-        raise ValueError("--task=regression needs --target=states or states[FRAME]")
+    if name not in REGRESSION_TARGETS:
+        raise ValueError("--task=regression needs --target=states, keypoints, states[FRAME] or keypoints[FRAME]")
     if stats is None:
-        raise ValueError("regression targets need the training split's state statistics")
-    states, domains = _states(feats, frame)
+        raise ValueError("regression targets need the training split's statistics (state_stats)")
+    states, domains = _regression_values(feats, name, frame)
     n, t, s = states.shape
     y = np.zeros((n, t, s), np.float32)
     mask = np.zeros((n, t, s), np.float32)
@@ -136,7 +192,7 @@ def make_task(feats, kind: str, target: str, probe: str, stats: dict | None = No
             continue
         y[i] = (states[i] - st["mean"]) / st["std"]
         mask[i] = st["valid"]
-        part[i] = (np.arange(s) >= st["num_qpos"]).astype(np.int32)
+        part[i] = (np.arange(s) >= st["num_pos"]).astype(np.int32)
     return Task(x=x, y=y.reshape(n, -1), mask=mask.reshape(n, -1), groups=groups, domain=domain,
                 part=part.reshape(n, -1))
 
@@ -194,17 +250,22 @@ def default_heads(width: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ProbeModel:
-    """Static description of a probe: `init(key) -> params`, `apply(params, x) -> [B, out]`."""
+    """Static description of a probe: `init(key) -> params`, `apply(params, x) -> [B, out]`.
+
+    The attentive probe adds a learned embedding per token position before its blocks: our encoders carry position
+    only through RoPE (relative), and cross-attention pooling is blind to token order, so without it a probe could
+    not tell where in the frame something is (image-position targets score about R^2 = 0)."""
     kind: str            # "linear" | "attentive"
     width: int
     out: int
+    tokens: int = 0      # attentive: number of patch tokens (> 0: learned position embeddings)
     depth: int = 1       # attentive: self-attention blocks before the cross-attention pooling
     heads: int = 0       # 0 = default_heads(width)
     num_queries: int = 1  # one learned query (and one linear head of size out/num_queries) per output head
     mlp_ratio: float = 4.0
 
     def init(self, key) -> dict:
-        k_head, k_blocks, k_cross, k_q = jax.random.split(key, 4)
+        k_head, k_blocks, k_cross, k_q, k_pos = jax.random.split(key, 5)
         if self.kind == "linear":
             return {"head": _dense_init(k_head, self.width, self.out)}
         if self.out % self.num_queries:
@@ -221,12 +282,18 @@ class ProbeModel:
                  "mlp": _mlp_init(km, self.width, hidden)}
         heads = jax.vmap(lambda k: _dense_init(k, self.width, self.out // self.num_queries))(
             jax.random.split(k_head, self.num_queries))
-        return {"blocks": blocks, "cross": cross, "head": heads}
+        params = {"blocks": blocks, "cross": cross, "head": heads}
+        if self.tokens:
+            # on the scale of layer-normed features: at 0.02 (ViT's choice) they take many steps to matter
+            params["pos"] = layers_lib.trunc_normal(k_pos, (self.tokens, self.width), std=1.0)
+        return params
 
     def apply(self, params: dict, x: jax.Array) -> jax.Array:
         if self.kind == "linear":
             return _lin(x, params["head"])
         heads = self.heads or default_heads(self.width)
+        if "pos" in params:
+            x = x + params["pos"]
         for p in params["blocks"]:
             x = x + _mha(_ln(x, p["ln1"]), _ln(x, p["ln1"]), p["attn"], heads)
             x = x + _mlp(_ln(x, p["ln2"]), p["mlp"])
@@ -318,6 +385,22 @@ def predict_grid(model: ProbeModel, params, x, chunk: int = 256) -> np.ndarray:
     return np.concatenate(outs, axis=1)
 
 
+def fit_ridge(x, y, evals: Sequence[np.ndarray], alphas: Sequence[float] = RIDGE_ALPHAS) -> list[np.ndarray]:
+    """Closed-form ridge regression from x [N, D] to y [N, K] for every alpha at once (one eigendecomposition of
+    the N x N Gram matrix, so D may be large: a whole patch-token map). Alphas are relative to the Gram matrix's
+    mean eigenvalue, so one grid fits any feature scale. Returns [G, M, K] predictions for each array in `evals`.
+    Why: with a few hundred rows per domain, SGD probes take too few steps to converge; this is exact."""
+    x = np.asarray(x, np.float32)                     # kernels in float32 (memory), the solve in float64
+    y_mean = np.asarray(y, np.float64).mean(0)
+    s, u = np.linalg.eigh((x @ x.T).astype(np.float64))
+    s = np.maximum(s, 0.0)
+    scale = max(float(s.mean()), 1e-12)
+    uy = u.T @ (np.asarray(y, np.float64) - y_mean)                                  # [N, K]
+    coef = np.stack([u @ (uy / (s + a * scale)[:, None]) for a in alphas])          # [G, N, K] dual coefficients
+    return [np.einsum("mn,gnk->gmk", (np.asarray(e, np.float32) @ x.T).astype(np.float64), coef) + y_mean
+            for e in evals]
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -373,13 +456,15 @@ def regression_metrics(pred: np.ndarray, task: Task) -> dict[str, np.ndarray]:
 
 def run_probe(train, val, test, *, task: str, target: str = "label", probe: str = "linear",
               lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS, epochs: int = 20,
-              batch_size: int = 64, depth: int = 1, heads: int = 0, seed: int = 0) -> dict:
-    """Fit the grid on `train` features, choose on `val`, report on `test` (Features from jepa.export)."""
-    stats = state_stats(train, parse_target(target)[1]) if task == "regression" else None
+              batch_size: int = 64, depth: int = 1, heads: int = 0, seed: int = 0,
+              alphas: Sequence[float] = RIDGE_ALPHAS) -> dict:
+    """Fit the grid on `train` features, choose on `val`, report on `test` (Features from jepa.export).
+    linear / attentive: an lr x wd grid trained with AdamW; ridge: closed form over `alphas`."""
+    stats = state_stats(train, *parse_target(target)) if task == "regression" else None
     tr = make_task(train, task, target, probe, stats)
     va = make_task(val, task, target, probe, stats)
     te = make_task(test, task, target, probe, stats)
-    if probe == "linear":  # standardise pooled features with the training split's statistics
+    if probe != "attentive":  # standardise features with the training split's statistics
         mu, sd = tr.x.mean(0), tr.x.std(0) + 1e-6
         for t in (tr, va, te):
             t.x = (t.x - mu) / sd
@@ -388,21 +473,26 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
         out = num_classes
     else:
         out = tr.y.shape[1]
-    model = ProbeModel(kind=probe, width=int(tr.x.shape[-1]), out=out, depth=depth, heads=heads)
-    params, grid, last_loss = train_grid(model, task, tr.x, tr.y, tr.mask, lrs, wds, epochs=epochs,
-                                         batch_size=batch_size, seed=seed)
     metric_fn = classification_metrics if task == "classification" else regression_metrics
     key = "accuracy" if task == "classification" else "r2"
-    val_m = metric_fn(predict_grid(model, params, va.x), va)
-    test_m = metric_fn(predict_grid(model, params, te.x), te)
-    scores = np.nan_to_num(val_m[key], nan=-np.inf)
-    best = int(np.argmax(scores))
+    if probe == "ridge":
+        y = np.eye(out, dtype=np.float32)[tr.y] if task == "classification" else tr.y
+        val_out, test_out = fit_ridge(tr.x, y, [va.x, te.x], alphas)
+        grid = [{"alpha": float(a)} for a in alphas]
+    else:
+        model = ProbeModel(kind=probe, width=int(tr.x.shape[-1]), out=out, depth=depth, heads=heads,
+                           tokens=int(tr.x.shape[1]) if probe == "attentive" else 0)
+        params, lr_wd, last_loss = train_grid(model, task, tr.x, tr.y, tr.mask, lrs, wds, epochs=epochs,
+                                              batch_size=batch_size, seed=seed)
+        val_out, test_out = predict_grid(model, params, va.x), predict_grid(model, params, te.x)
+        grid = [{"lr": lr, "wd": wd, "train_loss": float(loss)} for (lr, wd), loss in zip(lr_wd, last_loss)]
+    val_m, test_m = metric_fn(val_out, va), metric_fn(test_out, te)
+    best = int(np.argmax(np.nan_to_num(val_m[key], nan=-np.inf)))
     return {"task": task, "target": target, "probe": probe, "metric": key,
-            "best": {"lr": grid[best][0], "wd": grid[best][1]},
+            "best": {k: v for k, v in grid[best].items() if k != "train_loss"},
             "val": {k: float(v[best]) for k, v in val_m.items()},
             "test": {k: float(v[best]) for k, v in test_m.items()},
-            "grid": [{"lr": g[0], "wd": g[1], "val": float(val_m[key][i]), "train_loss": float(last_loss[i])}
-                     for i, g in enumerate(grid)],
+            "grid": [{**g, "val": float(val_m[key][i])} for i, g in enumerate(grid)],
             "rows": {"train": len(tr.x), "val": len(va.x), "test": len(te.x)}}
 
 
@@ -410,17 +500,25 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
 
 
 def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, batch_size: int = 32,
-              probes: Sequence[str] = ("linear",), epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
-              overrides: Sequence[str] = (), depth: int = 1, progress: bool = True) -> dict:
-    """Domain accuracy and state R^2 from frozen embeddings of the world dataset: the run's EMA encoder at
-    `step` (default latest) vs the same architecture at random initialisation (the run's config and seed)."""
+              probes: Sequence[str] = ("linear", "ridge"), targets: Sequence[str] = ("keypoints[-1]",),
+              epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, overrides: Sequence[str] = (), depth: int = 1,
+              episodes: int = BENCHMARK_EPISODES, progress: bool = True) -> dict:
+    """Domain accuracy and per-domain physical-state R^2 (default: image keypoints and their velocity at the
+    window's last frame) from frozen embeddings of the world dataset: the run's EMA encoder at `step` (default
+    latest) vs the same architecture at random initialisation (the run's config and seed).
+
+    episodes > 0 evaluates on a world dataset of that many episodes (same seed and domains as the run's, so its
+    validation and test episodes were never seen in pretraining); the default preset's test split holds only ~4
+    episodes per domain, too few for stable per-domain R^2. 0 = the run's own dataset."""
     from jepa import export as export_lib
     config = export_lib.load_run_config(workdir)
-    overrides = ["--config.data.eval_mode=uniform", f"--config.data.num_segments={num_segments}", *overrides]
-    if not any(s.kind == "world" for s in config.data.sources.values()):
+    worlds = [name for name, s in config.data.sources.items() if s.kind == "world"]
+    if not worlds:
         raise ValueError(f"{workdir}: the benchmark needs a run on the world dataset (or --config overrides of "
                          "config.data.sources pointing at one)")
-    features = ("pooled", "patches") if "attentive" in probes else ("pooled",)
+    overrides = ["--config.data.eval_mode=uniform", f"--config.data.num_segments={num_segments}",
+                 *[f"--config.data.sources.{name}.episodes={episodes}" for name in worlds if episodes], *overrides]
+    features = ("pooled", "patches") if set(probes) - {"linear"} else ("pooled",)
     ckpt_params, ckpt_step = export_lib.load_encoder_params(workdir, export_lib.apply_overrides(
         export_lib.with_split(config, "train"), overrides), step=step)
     encoders = {f"step {ckpt_step}": ckpt_params,
@@ -434,7 +532,8 @@ def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, b
             kw = dict(probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth)
             results.setdefault(name, {})[f"{probe}/domain"] = run_probe(
                 feats["train"], feats["validation"], feats["test"], task="classification", target="domain", **kw)
-            results[name][f"{probe}/states"] = per_domain_regression(feats, target="states", **kw)
+            for target in targets:
+                results[name][f"{probe}/{target}"] = per_domain_regression(feats, target=target, **kw)
         summary = export_lib.summarize(feats["test"])
         results[name]["effective_rank"] = summary["effective_rank"]
     return results
@@ -509,8 +608,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--encoder", default="ema", choices=("ema", "online", "random"))
     p.add_argument("--splits", default="train,validation,test", help="with --workdir: train,val,test split names")
     p.add_argument("--task", default="classification", choices=("classification", "regression"))
-    p.add_argument("--target", default="label")
-    p.add_argument("--probe", default="linear", help="linear | attentive (benchmark: a comma list)")
+    p.add_argument("--target", default="label", help="benchmark: regression targets, a comma list "
+                   "(default keypoints[-1])")
+    p.add_argument("--probe", default="", help=f"{' | '.join(PROBES)} (default linear; benchmark: a comma list, "
+                   "default linear,ridge)")
     p.add_argument("--lrs", default=",".join(map(str, DEFAULT_LRS)))
     p.add_argument("--wds", default=",".join(map(str, DEFAULT_WDS)))
     p.add_argument("--epochs", type=int, default=20)
@@ -518,14 +619,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--depth", type=int, default=1, help="attentive probe: self-attention blocks")
     p.add_argument("--heads", type=int, default=0, help="attentive probe: attention heads (0 = auto)")
     p.add_argument("--num_segments", type=int, default=8, help="benchmark: windows per episode")
+    p.add_argument("--episodes", type=int, default=BENCHMARK_EPISODES,
+                   help="benchmark: world episodes to evaluate on (0 = the run's dataset)")
     p.add_argument("--output", default="", help="write the result JSON here")
     args = p.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     lrs, wds = _floats(args.lrs, "--lrs"), _floats(args.wds, "--wds")
+    args.probe = args.probe or ("linear,ridge" if bench else "linear")
     if bench:
         if not args.workdir:
             p.error("benchmark needs --workdir")
-        result = benchmark(args.workdir, step=args.step, num_segments=args.num_segments,
+        targets = ["keypoints[-1]"] if args.target == "label" else args.target.split(",")
+        result = benchmark(args.workdir, step=args.step, num_segments=args.num_segments, targets=targets,
+                           episodes=args.episodes,
                            probes=args.probe.split(","), epochs=args.epochs, lrs=lrs, wds=wds,
                            overrides=overrides, depth=args.depth)
         print(format_table(result))
@@ -541,7 +647,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 params = export_lib.random_encoder_params(run_cfg)
             else:
                 params, _ = export_lib.load_encoder_params(args.workdir, run_cfg, step=args.step, encoder=args.encoder)
-            features = ("pooled", "patches") if args.probe == "attentive" else ("pooled",)
+            features = ("pooled", "patches") if args.probe != "linear" else ("pooled",)
             train, val, test = (export_lib.embed_split(config, params, s, features=features, overrides=overrides,
                                                        progress=True) for s in splits)
         else:

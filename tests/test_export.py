@@ -23,10 +23,12 @@ def test_run_config_round_trip_and_old_runs(tmp_path):
     c.data.sources = {"a": dict(c.data.sources.world), "b": dict(c.data.sources.world, weight=2.0)}
     saved = json.loads(c.to_json_best_effort())
     del saved["evals"]  # a run written before the field existed
+    del saved["data"]["sources"]["a"]["episodes"]  # a world source written before the field existed
     (tmp_path / "config.json").write_text(json.dumps(saved))
     loaded = export_lib.load_run_config(str(tmp_path))
     assert loaded.data.crop_scale == (0.5, 1.0)
     assert sorted(loaded.data.sources) == ["a", "b"] and loaded.data.sources.b.weight == 2.0
+    assert loaded.data.sources.a.episodes == 0
     assert loaded.model.encoder.width == 64 and loaded.evals.to_dict() == {}
     expected = c.to_dict()
     expected["evals"] = {}

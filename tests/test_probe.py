@@ -79,7 +79,7 @@ def test_per_domain_regression_handles_domains_whose_states_mean_different_thing
 
 def test_regression_metric_known_answers():
     feats = synthetic(40, seed=3)
-    stats = probe_lib.state_stats(feats, None)
+    stats = probe_lib.state_stats(feats, "states", None)
     task = probe_lib.make_task(feats, "regression", "states", "linear", stats)
     assert task.y.shape == (40, 64) and task.mask.sum() == 40 * 2 * 4  # padding dims masked
     perfect = probe_lib.regression_metrics(task.y[None], task)
@@ -98,6 +98,53 @@ def test_attentive_probe_finds_the_one_informative_token():
     r = probe_lib.run_probe(tr, va, te, task="classification", target="label", probe="attentive",
                             lrs=(3e-3,), wds=(0.01,), epochs=15, batch_size=32, depth=1, heads=2)
     assert r["test"]["accuracy"] > 0.9
+
+
+def test_ridge_fits_a_wide_linear_map_in_closed_form():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 20))                    # 600 features that mix 20 latent factors, like embeddings
+    x = z @ rng.normal(size=(20, 600)) + 0.1 * rng.normal(size=(300, 600))
+    y = z @ rng.normal(size=(20, 3)) + 0.1 * rng.normal(size=(300, 3))
+    (pred,) = probe_lib.fit_ridge(x[:200], y[:200], [x[200:]], alphas=(1e-3, 1e6))
+    r2 = 1 - ((pred - y[200:]) ** 2).sum((1, 2)) / ((y[200:] - y[200:].mean(0)) ** 2).sum()
+    assert r2[0] > 0.95 and abs(r2[1]) < 0.05  # more features than rows: still fits; a huge alpha predicts the mean
+
+
+def test_ridge_probe_chooses_alpha_on_validation_and_classifies():
+    tr, va, te = synthetic(120, seed=0, tokens=4), synthetic(48, seed=1, tokens=4), synthetic(48, seed=2, tokens=4)
+    r = probe_lib.run_probe(tr, va, te, task="classification", target="label", probe="ridge")
+    assert r["test"]["accuracy"] > 0.9 and set(r["best"]) == {"alpha"} and len(r["grid"]) == len(probe_lib.RIDGE_ALPHAS)
+    assert r["val"]["accuracy"] == max(g["val"] for g in r["grid"])
+
+
+def test_frame_tokens_are_the_tubelet_that_holds_the_frame():
+    patches = np.repeat(np.arange(4, dtype=np.float32), 6)[None, :, None] * np.ones((2, 1, 5), np.float32)
+    meta = {"grid": [4, 2, 3], "num_frames": 8}                         # 4 tubelets of 2 frames, 2x3 tokens each
+    assert probe_lib.frame_tokens(patches, meta, -1).shape == (2, 6, 5)
+    for frame, tubelet in ((-1, 3), (0, 0), (3, 1), (4, 2), (-8, 0)):
+        assert (probe_lib.frame_tokens(patches, meta, frame) == tubelet).all()
+
+
+def test_attentive_probe_knows_where_a_token_is():
+    """The class is WHERE one marked token sits (left or right half); every token's content is otherwise the same
+    kind of noise, so only the probe's position embeddings can tell the classes apart."""
+    def where(n, seed):
+        f = synthetic(n, seed=seed, tokens=8, classes=2)
+        rng = np.random.default_rng(seed)
+        f.patches = rng.normal(size=f.patches.shape).astype(np.float32) * 0.3
+        pos = rng.integers(0, 4, n) + 4 * f.targets["label"]
+        f.patches[np.arange(n), pos] += 2.0 * np.random.default_rng(5).normal(size=16).astype(np.float32)
+        return f
+    tr, va, te = where(256, 0), where(96, 1), where(96, 2)
+    kw = dict(task="classification", target="label", lrs=(1e-2,), wds=(0.01,), epochs=15, batch_size=32, depth=0)
+    assert probe_lib.run_probe(tr, va, te, probe="attentive", **kw)["test"]["accuracy"] > 0.9
+    model = probe_lib.ProbeModel(kind="attentive", width=16, out=2, depth=0, tokens=0)  # no position embeddings:
+    task = probe_lib.make_task(tr, "classification", "label", "attentive")               # blind to token order
+    params, _, _ = probe_lib.train_grid(model, "classification", task.x, task.y, None, (1e-2,), (0.01,), epochs=15,
+                                        batch_size=32)
+    te_task = probe_lib.make_task(te, "classification", "label", "attentive")
+    acc = (probe_lib.predict_grid(model, params, te_task.x)[0].argmax(-1) == te_task.y).mean()
+    assert acc < 0.75
 
 
 def test_predictions_are_averaged_over_the_segments_of_a_clip():
@@ -135,6 +182,8 @@ def test_eval_settings_are_validated():
     with pytest.raises(ValueError, match=r"config.evals.knn: unknown field\(s\) \['kk'\]"):
         evaluators_lib._settings("knn", {"every": 2, "kk": 3})
     assert evaluators_lib._settings("knn", {"every": 2})["k"] == 20
+    with pytest.raises(ValueError, match="config.evals.probe.probe: 'ridge'"):
+        evaluators_lib._settings("probe", {"probe": "ridge"})
 
 
 @pytest.mark.slow
@@ -157,3 +206,20 @@ def test_cli_on_the_fly_probe(tiny_run, capsys):
                              "--config.data.eval_mode=uniform", "--config.data.num_segments=2"])
     assert result["rows"] == {"train": 8, "val": 2, "test": 2}
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["probe"] == "attentive"
+
+
+def test_world_probe_benchmark_compares_the_run_with_random_init(tiny_run, tmp_path):
+    """The benchmark end to end on real episodes: every domain needs windows in train, validation and test, so a
+    20-episode version of the tiny preset (one episode per domain in validation and in test)."""
+    result = probe_lib.benchmark(tiny_run, num_segments=2, epochs=2, lrs=(1e-3,), wds=(0.01,), progress=False,
+                                 episodes=20, overrides=[f"--config.data.sources.world.data_dir={tmp_path}"])
+    assert list(result) == ["step 6", "random init"]
+    for name, r in result.items():
+        assert set(r) == {"linear/domain", "linear/keypoints[-1]", "ridge/domain", "ridge/keypoints[-1]",
+                          "effective_rank"}
+        kp = r["ridge/keypoints[-1]"]
+        assert set(kp["per_domain"]) == {0, 1} and kp["per_domain"][0]["rows"] == {"train": 16, "val": 2, "test": 2}
+        assert np.isfinite(kp["test"]["r2_pos"]) and np.isfinite(kp["test"]["r2_vel"])
+        assert 0.0 <= r["ridge/domain"]["test"]["accuracy"] <= 1.0
+    table = probe_lib.format_table(result)
+    assert "ridge/keypoints[-1]: test r2_pos" in table and "random init" in table

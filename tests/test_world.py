@@ -233,3 +233,40 @@ def test_bad_options_raise_value_error(tmp_path):
     assert world.make_config("default").name == "default"
     assert world.make_config("default", domains=[f"{d}/{t}" for d, t in world.DOMAINS]).name == "default"
     assert world.make_config("default", seed=3).name != "default"
+
+
+def test_image_keypoints_match_dm_control_camera_and_the_rendered_frame(tiny_records):
+    from dm_control.mujoco.engine import Camera
+    r = tiny_records["train"][1]
+    nq, sd = int(r["num_qpos"]), int(r["state_dim"])
+    kp = world.image_keypoints(r["domain"], r["states"][:3], nq)
+    assert kp.shape == (3, world.MAX_KEYPOINTS, 2) and kp.dtype == np.float32
+    env = world.make_env(r["domain"], 0)
+    geoms = np.flatnonzero(env.physics.model.geom_bodyid > 0)
+    for t in range(3):  # dm_control's own camera matrix gives pixel coordinates (pixel centres at integers)
+        env.set_state(r["states"][t, :nq], r["states"][t, nq:sd])
+        m = Camera(env.physics, 64, 64, env.camera_id).matrix
+        h = np.concatenate([env.physics.data.geom_xpos[geoms], np.ones((len(geoms), 1))], axis=1) @ m.T
+        np.testing.assert_allclose(kp[t, :len(geoms)] * 64 - 0.5, h[:, :2] / h[:, 2:3], atol=1e-3)
+    assert not kp[:, len(geoms):].any()
+    env.close()
+    # point_mass: the keypoint sits on the rendered point. Pixels where frame A differs from both B and C (the point
+    # elsewhere) are A's point alone.
+    renders = [world.render_state("point_mass", None, q, [0.0, 0.0]).astype(np.float32)
+               for q in ([0.1, -0.12], [-0.2, 0.2], [0.2, 0.2])]
+    only_a = (np.abs(renders[0] - renders[1]).sum(-1) > 30) & (np.abs(renders[0] - renders[2]).sum(-1) > 30)
+    rows, cols = np.nonzero(only_a)
+    assert len(rows) >= 3
+    u, v = world.image_keypoints("point_mass", np.array([[0.1, -0.12, 0.0, 0.0]]), 2)[0, 0] * 64 - 0.5
+    assert abs(cols.mean() - u) < 1.5 and abs(rows.mean() - v) < 1.5, (cols.mean(), rows.mean(), u, v)
+
+
+def test_generation_survives_a_worker_that_dies(tmp_path):
+    """A worker killed mid-job (a renderer segfault) must cost a retry, not hang the ordered results forever."""
+    import _crashing_jobs
+    marker = str(tmp_path / "crashed")
+    jobs = [(i, 5, marker) for i in range(12)]
+    assert list(world.ordered_results(_crashing_jobs.crash_once, jobs, workers=2)) == [2 * i for i in range(12)]
+    assert os.path.exists(marker)
+    with pytest.raises(RuntimeError, match="worker processes died 4 times"):
+        list(world.ordered_results(_crashing_jobs.always_crash, [(0, 0, "")] * 3, workers=2))

@@ -68,7 +68,7 @@ def open_source(source_cfg: Any):
     if kind == "world":
         from jepa import config as config_lib
         from jepa.data import world
-        options = {k: v for k, v in cfg.items() if k not in _SOURCE_FIELDS and v not in (None, "")}
+        options = {k: v for k, v in cfg.items() if k not in _SOURCE_FIELDS and v not in (None, "", 0)}
         return world.world_source(cfg.get("data_dir") or config_lib.DEFAULT_DATA_DIR, cfg.get("split") or "train",
                                   preset=cfg.get("preset") or "default", **options)
     if kind == "tfds":

@@ -32,6 +32,7 @@ round-robin domains each block of len(domains) consecutive episodes holds every 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import multiprocessing
 import os
 import sys
@@ -252,12 +253,54 @@ def render_state(domain: int | str, task: str | None, qpos, qvel, resolution: in
     i = domain_index(domain)
     if task is not None and task != DOMAINS[i][1]:
         raise ValueError(f"task: {task!r} is not the world task of {DOMAINS[i][0]!r} ({DOMAINS[i][1]!r})")
+    env = _cached_env(i, resolution)
+    env.set_state(qpos, qvel)
+    return env.render()
+
+
+MAX_KEYPOINTS = 16  # keypoint slots: every domain's moving geoms fit
+
+
+def _cached_env(i: int, resolution: int) -> "WorldEnv":
     key = (i, int(resolution))
     if key not in _RENDER_ENVS:
         _RENDER_ENVS[key] = WorldEnv(i, 0, int(resolution))
-    env = _RENDER_ENVS[key]
-    env.set_state(qpos, qvel)
-    return env.render()
+    return _RENDER_ENVS[key]
+
+
+def camera_projection(physics, camera_id: int) -> np.ndarray:
+    """float64 [3, 4]: world point (homogeneous) -> (u, v, 1) * depth in image coordinates, u right and v down,
+    both in [0, 1] over the frame. The camera's current pose (tracking cameras move with the bodies they follow)."""
+    pos = np.asarray(physics.data.cam_xpos[camera_id], np.float64)
+    rot = np.asarray(physics.data.cam_xmat[camera_id], np.float64).reshape(3, 3)
+    focal = 0.5 / np.tan(np.deg2rad(float(physics.model.cam_fovy[camera_id])) / 2)  # square frames
+    to_cam = np.concatenate([rot.T, -rot.T @ pos[:, None]], axis=1)   # x right, y up, looking along -z (MuJoCo)
+    flip = np.diag([1.0, 1.0, -1.0])                                     # -> (x, y, depth)
+    return np.array([[focal, 0.0, 0.5], [0.0, -focal, 0.5], [0.0, 0.0, 1.0]]) @ flip @ to_cam
+
+
+def image_keypoints(domain: int | str, states: np.ndarray, num_qpos: int) -> np.ndarray:
+    """float32 [T, MAX_KEYPOINTS, 2]: where the centre of every geom on a moving body of `domain` appears in the
+    dataset camera's frame for each state of `states` [T, >= state_dim] (qpos then qvel), as (u, v) in [0, 1] image
+    units; unused slots are zero. Why: raw qpos is a poor probe target (unbounded hinge angles wrap; tracking
+    cameras hide root translations); image positions are what a frame shows. Geom centres, not body origins: a
+    body's origin sits on its joint (a pole's origin never leaves the cart)."""
+    i = domain_index(domain)
+    env = _cached_env(i, 64)
+    if int(num_qpos) != env.num_qpos:
+        raise ValueError(f"num_qpos: {num_qpos} does not match {env.domain}/{env.task} ({env.num_qpos})")
+    geoms = np.flatnonzero(np.asarray(env.physics.model.geom_bodyid) > 0)
+    if len(geoms) > MAX_KEYPOINTS:
+        raise ValueError(f"domain: {env.domain} has {len(geoms)} moving geoms, above MAX_KEYPOINTS={MAX_KEYPOINTS}")
+    nv = env.state_dim - env.num_qpos
+    states = np.asarray(states, np.float64)
+    out = np.zeros((len(states), MAX_KEYPOINTS, 2), np.float32)
+    for t, s in enumerate(states):
+        env.set_state(s[: env.num_qpos], s[env.num_qpos: env.num_qpos + nv])
+        xpos = np.asarray(env.physics.data.geom_xpos[geoms], np.float64)
+        h = np.concatenate([xpos, np.ones((len(geoms), 1))], axis=1) @ camera_projection(env.physics, env.camera_id).T
+        out[t, :len(geoms)] = h[:, :2] / h[:, 2:3]
+    return out
 
 
 def generate_episode(domain: int | str, seed: int, frames: int, resolution: int = 64) -> dict:
@@ -416,17 +459,10 @@ class World(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, indices: range) -> Iterator[tuple[int, dict]]:
         c = self.builder_config
         jobs = [(c.episode_domain(i), episode_seed(c.seed, i), c.frames, c.resolution) for i in indices]
-        own_pool = self._pool is None and self._workers() > 1
-        pool = _make_pool(self._workers()) if own_pool else self._pool
-        try:
-            results = pool.imap(_episode_job, jobs, chunksize=1) if pool is not None else map(_episode_job, jobs)
-            for i, ep in zip(indices, results):
-                if self._progress is not None:
-                    self._progress.update(1)
-                yield i, ep
-        finally:
-            if own_pool:
-                pool.terminate()
+        for i, ep in zip(indices, ordered_results(_episode_job, jobs, self._workers(), self)):
+            if self._progress is not None:
+                self._progress.update(1)
+            yield i, ep
 
     def _workers(self) -> int:
         c = self.builder_config
@@ -448,8 +484,52 @@ def _available_cpus() -> int:
 
 
 def _make_pool(n: int):
+    from concurrent.futures import ProcessPoolExecutor
     ctx = multiprocessing.get_context("spawn")  # EGL contexts and dm_control are created inside each worker
-    return ctx.Pool(n, initializer=_worker_init)
+    return ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init)
+
+
+MAX_WORKER_CRASHES = 3
+
+
+def ordered_results(fn, jobs: Sequence, workers: int, holder=None) -> Iterator:
+    """fn(job) for every job, in order, on `workers` spawned processes (0 or 1: in this process).
+
+    Why not multiprocessing.Pool: when a worker dies (a segfault in the renderer), Pool replaces it but loses its
+    task, and the ordered iterator waits forever. Here a dead worker breaks the pool, so the unfinished jobs are
+    resubmitted to a fresh one (episodes are pure functions of their seed: the output is unchanged); after
+    MAX_WORKER_CRASHES crashes it raises. `holder._pool` (prepare_world's pool for all splits) is used and replaced
+    when present."""
+    from concurrent.futures.process import BrokenProcessPool
+    if workers <= 1:
+        yield from map(fn, jobs)
+        return
+    pool = getattr(holder, "_pool", None)
+    own = pool is None
+    pool = _make_pool(workers) if own else pool
+    done, crashes = 0, 0
+    try:
+        while done < len(jobs):
+            try:
+                for result in pool.map(fn, jobs[done:]):
+                    done += 1
+                    yield result
+            except BrokenProcessPool as e:
+                crashes += 1
+                if crashes > MAX_WORKER_CRASHES:
+                    raise RuntimeError(f"world generation: worker processes died {crashes} times (the last while job "
+                                       f"{done} of {len(jobs)}, {jobs[done]!r}, was unfinished); see the system log "
+                                       "(dmesg) for the crash") from e
+                logging.getLogger(__name__).warning(
+                    "world generation: a worker process died; restarting the pool and resuming at job %d (%d/%d)",
+                    done, crashes, MAX_WORKER_CRASHES)
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _make_pool(workers)
+                if not own:
+                    holder._pool = pool
+    finally:
+        if own:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def prepare_world(data_dir: str, *, preset: str = "default", episodes: int | None = None, frames: int | None = None,
@@ -484,7 +564,7 @@ def prepare_world(data_dir: str, *, preset: str = "default", episodes: int | Non
         tqdm_utils.display_progress_bar(tfds_bars)
         builder._progress.close()
         if builder._pool is not None:
-            builder._pool.terminate()
+            builder._pool.shutdown(wait=False, cancel_futures=True)
         builder._pool = builder._progress = None
     return builder
 
