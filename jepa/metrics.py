@@ -159,11 +159,40 @@ def measure_matmul_peak(dtype=jnp.float32, n: int = 2048, seconds: float = 2.0, 
     return best
 
 
+PEAK_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jepa", "matmul_peak.json")
+
+
+def _best_measured_peak(key: str, measured: float, cache_path: str) -> float:
+    """The best peak ever measured for `key` on this machine, this measurement included. Why: a peak measured while
+    other jobs share the cores is low, which inflates MFU; the best of all start-ups is the machine's figure."""
+    try:
+        with open(cache_path, encoding="utf-8") as f:
+            table = json.load(f)
+        table = table if isinstance(table, dict) else {}
+    except (OSError, ValueError):
+        table = {}
+    previous = table.get(key)
+    previous = float(previous) if isinstance(previous, (int, float)) else 0.0
+    best = max(float(measured), previous)
+    if best > previous:
+        table[key] = best
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+            tmp = f"{cache_path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(table, f)
+            os.replace(tmp, cache_path)
+        except OSError as e:  # a read-only home must not stop training
+            log.warning("could not record the matmul peak in %s: %s", cache_path, e)
+    return best
+
+
 def device_peak_flops(device=None, dtype=jnp.bfloat16, *, override: float = 0.0, measure_n: int = 2048,
-                      measure_seconds: float = 2.0) -> float:
+                      measure_seconds: float = 2.0, cache_path: str | None = PEAK_CACHE) -> float:
     """Peak FLOP/s of one device for MFU: `override` when > 0 (config.train.peak_flops), else the nominal table
     (halved for float32 on GPUs, i.e. TF32 tensor-core peak; TPUs run f32 matmuls as bf16 passes), else
-    (CPU, unknown accelerators) measured with measure_matmul_peak in `dtype`."""
+    (CPU, unknown accelerators) measured with measure_matmul_peak in `dtype`, kept as the best measurement of this
+    machine in `cache_path` (None: this measurement alone)."""
     if override > 0:
         return float(override)
     device = device or jax.local_devices()[0]
@@ -174,8 +203,13 @@ def device_peak_flops(device=None, dtype=jnp.bfloat16, *, override: float = 0.0,
         log.info("peak FLOP/s for %s (%s): nominal %.3g", device.device_kind, jnp.dtype(dtype).name, nominal)
         return nominal
     measured = measure_matmul_peak(dtype, measure_n, measure_seconds, device)
-    log.info("peak FLOP/s for %s (%s): measured %.3g", device.device_kind, jnp.dtype(dtype).name, measured)
-    return measured
+    best = measured
+    if cache_path:
+        key = f"{device.platform}|{device.device_kind}|{jnp.dtype(dtype).name}|n={measure_n}|cpus={os.cpu_count()}"
+        best = _best_measured_peak(key, measured, cache_path)
+    log.info("peak FLOP/s for %s (%s): measured %.3g, best on this machine %.3g", device.device_kind,
+             jnp.dtype(dtype).name, measured, best)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------------------
