@@ -502,11 +502,13 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
 def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, batch_size: int = 32,
               probes: Sequence[str] = ("linear", "ridge"), targets: Sequence[str] = ("keypoints[-1]",),
               epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, overrides: Sequence[str] = (), depth: int = 1,
-              episodes: int = BENCHMARK_EPISODES, progress: bool = True) -> dict:
+              episodes: int = BENCHMARK_EPISODES, layers: Sequence[int] | None = None,
+              progress: bool = True) -> dict:
     """Domain accuracy and per-domain physical-state R^2 (default: image keypoints and their velocity at the
     window's last frame) from frozen embeddings of the world dataset: the run's EMA encoder at `step` (default
     latest) vs the same architecture at random initialisation (the run's config and seed).
 
+    layers: encoder blocks whose outputs are probed (concatenated; default the last), e.g. (2,) for a middle one.
     episodes > 0 evaluates on a world dataset of that many episodes (same seed and domains as the run's, so its
     validation and test episodes were never seen in pretraining); the default preset's test split holds only ~4
     episodes per domain, too few for stable per-domain R^2. 0 = the run's own dataset."""
@@ -526,7 +528,7 @@ def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, b
     results = {}
     for name, params in encoders.items():
         feats = {split: export_lib.embed_split(config, params, split, features=features, batch_size=batch_size,
-                                               overrides=overrides, progress=progress)
+                                               layers=layers, overrides=overrides, progress=progress)
                  for split in ("train", "validation", "test")}
         for probe in probes:
             kw = dict(probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth)
@@ -594,6 +596,13 @@ def _floats(text: str, flag: str) -> list[float]:
     return values
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: {text!r} is not a comma list of integers") from None
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     import argparse
 
@@ -619,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--depth", type=int, default=1, help="attentive probe: self-attention blocks")
     p.add_argument("--heads", type=int, default=0, help="attentive probe: attention heads (0 = auto)")
     p.add_argument("--num_segments", type=int, default=8, help="benchmark: windows per episode")
+    p.add_argument("--layers", default="", help="benchmark: encoder blocks to probe, a comma list (default: last)")
     p.add_argument("--episodes", type=int, default=BENCHMARK_EPISODES,
                    help="benchmark: world episodes to evaluate on (0 = the run's dataset)")
     p.add_argument("--output", default="", help="write the result JSON here")
@@ -631,7 +641,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             p.error("benchmark needs --workdir")
         targets = ["keypoints[-1]"] if args.target == "label" else args.target.split(",")
         result = benchmark(args.workdir, step=args.step, num_segments=args.num_segments, targets=targets,
-                           episodes=args.episodes,
+                           episodes=args.episodes, layers=_ints(args.layers, "--layers") or None,
                            probes=args.probe.split(","), epochs=args.epochs, lrs=lrs, wds=wds,
                            overrides=overrides, depth=args.depth)
         print(format_table(result))

@@ -212,7 +212,8 @@ def test_world_probe_benchmark_compares_the_run_with_random_init(tiny_run, tmp_p
     """The benchmark end to end on real episodes: every domain needs windows in train, validation and test, so a
     20-episode version of the tiny preset (one episode per domain in validation and in test)."""
     result = probe_lib.benchmark(tiny_run, num_segments=2, epochs=2, lrs=(1e-3,), wds=(0.01,), progress=False,
-                                 episodes=20, overrides=[f"--config.data.sources.world.data_dir={tmp_path}"])
+                                 episodes=20, layers=(0, 1),
+                                 overrides=[f"--config.data.sources.world.data_dir={tmp_path}"])
     assert list(result) == ["step 6", "random init"]
     for name, r in result.items():
         assert set(r) == {"linear/domain", "linear/keypoints[-1]", "ridge/domain", "ridge/keypoints[-1]",
@@ -221,5 +222,7 @@ def test_world_probe_benchmark_compares_the_run_with_random_init(tiny_run, tmp_p
         assert set(kp["per_domain"]) == {0, 1} and kp["per_domain"][0]["rows"] == {"train": 16, "val": 2, "test": 2}
         assert np.isfinite(kp["test"]["r2_pos"]) and np.isfinite(kp["test"]["r2_vel"])
         assert 0.0 <= r["ridge/domain"]["test"]["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="--layers: 'x' is not a comma list of integers"):
+        probe_lib.main(["benchmark", f"--workdir={tiny_run}", "--layers=x"])
     table = probe_lib.format_table(result)
     assert "ridge/keypoints[-1]: test r2_pos" in table and "random init" in table
