@@ -88,7 +88,7 @@ def time_stages(config, num_clips: int) -> StageTimes:
     """Runs read -> frame pick + decode -> augment per clip, then batch + mask per batch, in this process."""
     settings = pipeline.clip_settings(config)
     names, srcs, _ = pipeline._sources_from_config(config, None)
-    world = pipeline._hasworld_records(srcs)
+    world = pipeline._has_world_records(srcs)
     maker = pipeline.ClipMaker(names, srcs, settings, train=True, world=world, seed=int(config.seed))
     masker = pipeline.make_masker(config)
     batch_size = min(int(config.train.global_batch_size), num_clips)

@@ -423,7 +423,7 @@ class _EvalElement:
         return sid, record - int(self.offsets[sid]), segment, valid
 
 
-def _hasworld_records(sources: Sequence[Any]) -> bool:
+def _has_world_records(sources: Sequence[Any]) -> bool:
     return any(_is_world(src[0]) for src in sources)
 
 
@@ -451,7 +451,7 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
         raise ValueError(f"config.train.global_batch_size={global_batch} must be >= 1")
     masks = train if masks is None else masks
     names, srcs, weights = _sources_from_config(config, sources)
-    world = _hasworld_records(srcs)
+    world = _has_world_records(srcs)
     maker = ClipMaker(names, srcs, settings, train=train, world=world, seed=seed)
     clip_seed = _mix64(seed, 0x636C6970) & 0x7FFFFFFF
 
