@@ -81,7 +81,11 @@ def base_config() -> ConfigDict:
     c.model.attention = "einsum"       # "einsum" | "xla" | "cudnn" (fused kernel on NVIDIA GPUs, bf16/fp16)
 
     # ---- objective (jepa/objectives/vjepa.py) ----
-    c.loss = ConfigDict(dict(exponent=1.0))
+    # context_weight > 0 adds the V-JEPA 2.1 context loss (predict the targets at visible tokens too, weighted by
+    # 1/sqrt(distance to the masked region)), ramped in over context_warmup_steps.
+    # variance_weight / covariance_weight > 0 add VICReg-style anti-collapse terms on the context tokens.
+    c.loss = ConfigDict(dict(exponent=1.0, context_weight=0.0, context_warmup_steps=0, variance_weight=0.0,
+                             covariance_weight=0.0))
 
     # ---- optimisation (jepa/optim.py): published V-JEPA 2 values ----
     c.optim = ConfigDict(dict(
@@ -161,6 +165,10 @@ def validate(c: ConfigDict) -> None:
     need(c.model.rope_layout in ("reference", "interleaved"), "model.rope_layout",
          f"unknown layout {c.model.rope_layout!r}")
     need(c.loss.exponent > 0, "loss.exponent", "must be > 0")
+    need(c.loss.context_weight >= 0, "loss.context_weight", "must be >= 0")
+    need(c.loss.context_warmup_steps >= 0, "loss.context_warmup_steps", "must be >= 0")
+    need(c.loss.variance_weight >= 0, "loss.variance_weight", "must be >= 0")
+    need(c.loss.covariance_weight >= 0, "loss.covariance_weight", "must be >= 0")
     need(c.train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     need(c.train.global_batch_size % c.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
          f"{c.optim.grad_accum_steps} does not divide train.global_batch_size={c.train.global_batch_size}")

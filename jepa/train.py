@@ -96,7 +96,8 @@ def build_run(config, mesh) -> Run:
     def train_step(state, batch):
         def loss_and_grad(params, micro_batch, rng):
             del rng  # the objective is deterministic given the batch (masks come from the data pipeline)
-            return jax.value_and_grad(objective.loss, has_aux=True)(params, state["ema"], micro_batch)
+            return jax.value_and_grad(objective.loss, has_aux=True)(params, state["ema"], micro_batch,
+                                                                    state["step"])
 
         (loss, aux), grads = optim.accumulate_gradients(loss_and_grad, state["params"], batch, num_micro,
                                                          jax.random.PRNGKey(0))

@@ -480,6 +480,7 @@ def pinned_loss_setup():
     c.model.predictor = dict(width=24, depth=2, heads=2, num_mask_tokens=4)
     c.model.rope_layout, c.model.dtype, c.model.remat = "reference", "float32", "none"
     c.loss.exponent = 1.0
+    c.loss.variance_weight = c.loss.covariance_weight = 0.0  # the V-JEPA 2 loss alone
     c.mask.types.long.mask_token, c.mask.types.short.mask_token = 1, 0
     grid = token_grid(8, 32, 8, 2)  # (4, 4, 4): 64 tokens
     rng = np.random.default_rng(7)
@@ -512,6 +513,69 @@ def test_vjepa_loss_matches_pinned_values():
         assert got[key] == pytest.approx(want, rel=1e-5 if key != "repr/effective_rank" else 2e-4), key
     grad_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))))
     assert grad_norm == pytest.approx(PINNED_GRAD_NORM, rel=1e-4)
+
+
+def test_context_token_weights_follow_distance_to_the_masked_region():
+    from jepa.objectives.vjepa import context_token_weights
+
+    grid = (1, 1, 6)  # one row of 6 tokens; token 0 is masked, tokens 1..5 are context
+    weights = np.asarray(context_token_weights(jnp.asarray([[1, 2, 3, 5]]), grid))
+    # token 4 is masked too: distances 1, 2, 1 (to 4), 1 (to 4)
+    np.testing.assert_allclose(weights, [[1.0, 2 ** -0.5, 1.0, 1.0]], rtol=1e-6)
+    grid = (2, 3, 3)  # 3D: only the last token, (t=1, h=2, w=2), is masked
+    weights = np.asarray(context_token_weights(jnp.arange(17)[None], grid))[0]
+    # (0,0,0): distance 3; (0,2,2) and (1,2,1): 1
+    np.testing.assert_allclose(weights[[0, 8, 16]], [3 ** -0.5, 1.0, 1.0], rtol=1e-6)
+
+
+def test_predictor_with_context_adds_the_context_positions_only():
+    pred = small_predictor(0.05)
+    context, ctx, tgt = predictor_inputs()
+    targets_only = run(pred, context, ctx, tgt, 0)
+    both = pred(context, ctx, tgt, 0, with_context=True)
+    assert both.shape == (ctx.shape[0], ctx.shape[1] + tgt.shape[1], targets_only.shape[-1])
+    np.testing.assert_allclose(np.asarray(both[:, ctx.shape[1]:]), np.asarray(targets_only), atol=1e-6)
+
+
+def test_context_loss_is_off_by_default_and_ramps_in():
+    """context_weight 0 is the V-JEPA 2 loss exactly; with a weight, the loss at step s adds
+    weight * min(1, s / warmup) * the per-type context losses (averaged over mask types)."""
+    from jepa.objectives.vjepa import VJEPA
+
+    c, grid, batch = pinned_loss_setup()
+    plain = VJEPA.from_config(c, grid)
+    params, _ = plain.init(jax.random.PRNGKey(0), c)
+    ema = jax.tree.map(lambda x: x * 1.5, params["encoder"])
+    loss0, aux0 = plain.loss(params, ema, batch)
+    assert float(loss0) == pytest.approx(PINNED["loss"], rel=1e-5)
+    c.loss.context_weight, c.loss.context_warmup_steps = 0.5, 10
+    dense = VJEPA.from_config(c, grid)
+    fn = jax.jit(dense.loss)
+    at_start, aux = fn(params, ema, batch, 0)
+    assert float(at_start) == pytest.approx(float(loss0), rel=1e-6)
+    ctx = (float(aux["loss/long_context"]) + float(aux["loss/short_context"])) / 2
+    assert ctx > 0
+    assert float(fn(params, ema, batch, 5)[0]) == pytest.approx(float(loss0) + 0.25 * ctx, rel=1e-5)
+    assert float(fn(params, ema, batch, 50)[0]) == pytest.approx(float(loss0) + 0.5 * ctx, rel=1e-5)
+    grads = jax.grad(lambda p: fn(p, ema, batch, 50)[0])(params)
+    plain_grads = jax.grad(lambda p: plain.loss(p, ema, batch)[0])(params)
+    assert not np.allclose(np.asarray(grads["predictor"]["proj_kernel"]),
+                           np.asarray(plain_grads["predictor"]["proj_kernel"]))
+
+
+def test_variance_covariance_terms_separate_spread_from_collapsed_tokens():
+    from jepa.objectives.vjepa import variance_covariance
+
+    rng = np.random.default_rng(0)
+    spread = jnp.asarray(rng.standard_normal((8, 512, 16)), jnp.float32)
+    one_direction = jnp.asarray(rng.standard_normal((8, 512, 1)) * rng.standard_normal(16), jnp.float32)
+    var_s, cov_s = (float(v) for v in variance_covariance(spread))
+    var_c, cov_c = (float(v) for v in variance_covariance(one_direction))
+    # layer-normed white noise: std ~1 per dimension; LayerNorm itself correlates dimensions at -1/(D-1)
+    assert var_s < 0.05 and cov_s < 0.1
+    assert var_c > 0.1 and cov_c > 100 * cov_s  # one direction: every pair of dimensions correlated
+    grads = jax.grad(lambda x: sum(variance_covariance(x)))(one_direction)
+    assert np.isfinite(np.asarray(grads)).all() and float(jnp.abs(grads).max()) > 0
 
 
 def test_effective_rank_matches_svd():

@@ -215,7 +215,7 @@ def test_world_probe_benchmark_compares_the_run_with_random_init(tiny_run, tmp_p
                                  episodes=20, layers=(0, 1),
                                  overrides=[f"--config.data.sources.world.data_dir={tmp_path}"])
     assert list(result) == ["step 6", "random init"]
-    for name, r in result.items():
+    for r in result.values():
         assert set(r) == {"linear/domain", "linear/keypoints[-1]", "ridge/domain", "ridge/keypoints[-1]",
                           "effective_rank"}
         kp = r["ridge/keypoints[-1]"]

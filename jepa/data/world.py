@@ -261,7 +261,7 @@ def render_state(domain: int | str, task: str | None, qpos, qvel, resolution: in
 MAX_KEYPOINTS = 16  # keypoint slots: every domain's moving geoms fit
 
 
-def _cached_env(i: int, resolution: int) -> "WorldEnv":
+def _cached_env(i: int, resolution: int) -> WorldEnv:
     key = (i, int(resolution))
     if key not in _RENDER_ENVS:
         _RENDER_ENVS[key] = WorldEnv(i, 0, int(resolution))

@@ -59,10 +59,11 @@ class Predictor(nnx.Module):
         self.proj_bias = nnx.Param(jnp.zeros((encoder_width,), param_dtype))
 
     def __call__(self, context_tokens: jax.Array, context_idx: jax.Array, target_idx: jax.Array,
-                 mask_index) -> jax.Array:
+                 mask_index, with_context: bool = False) -> jax.Array:
         """context_tokens [B, Nc, encoder_width] at grid indices context_idx [B, Nc]; predictions float32
         [B, Nt, encoder_width] for target_idx [B, Nt]. mask_index: which mask token (python int or traced
-        int scalar, e.g. the mask type)."""
+        int scalar, e.g. the mask type). with_context: predictions for the context positions too,
+        [B, Nc + Nt, encoder_width] in [context, targets] order (the V-JEPA 2.1 context loss reads them)."""
         b, nc = context_tokens.shape[:2]
         num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
         if context_tokens.ndim != 3 or context_tokens.shape[-1] != self.encoder_width:
@@ -80,6 +81,7 @@ class Predictor(nnx.Module):
         x = jnp.concatenate([x, jnp.broadcast_to(mask, (b, nt, self.width))], axis=1)
         positions = jnp.concatenate([context_idx, target_idx], axis=1).astype(jnp.int32)
         tables = rope_lib.rope_tables(self.grid, self.width // self.heads, self.rope_layout)
-        x = self.blocks(x, tables, positions)[:, nc:]
+        x = self.blocks(x, tables, positions)
+        x = x if with_context else x[:, nc:]
         x = layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], self.dtype)
         return layers.dense(x, self.proj_kernel[...], self.proj_bias[...], self.dtype).astype(jnp.float32)

@@ -2,7 +2,7 @@
 
 An objective owns its models' graph definitions and provides, with static shapes throughout:
     init(rng, config) -> (trainable params, target-encoder params)   # the train state's "params" and "ema"
-    loss(params, target, batch) -> (loss, aux metrics)
+    loss(params, target, batch, step) -> (loss, aux metrics)
     update_target(target, params, momentum) -> target               # EMA for V-JEPA, frozen for V-JEPA 2-AC
     data_keys() -> the batch fields the step consumes; needs_masks: whether batches carry mask indices;
     has_ema: whether the target encoder is an EMA of the trained one (logged momentum)

@@ -109,7 +109,8 @@ class ActionConditioned:
         return z[:, k:]
 
     # ---- the loss ----
-    def loss(self, params: dict[str, Params], encoder_params: Params, batch: dict[str, jax.Array]):
+    def loss(self, params: dict[str, Params], encoder_params: Params, batch: dict[str, jax.Array], step=0):
+        del step  # no schedule inside this loss
         z = self.encode_frames(encoder_params, batch["video"])
         actions, states = batch["actions"], batch["states"]
         p = self.loss_exponent
