@@ -83,7 +83,8 @@ def base_config() -> ConfigDict:
     # ---- objective (jepa/objectives/vjepa.py) ----
     # context_weight > 0 adds the V-JEPA 2.1 context loss (predict the targets at visible tokens too, weighted by
     # 1/sqrt(distance to the masked region)), ramped in over context_warmup_steps.
-    # variance_weight / covariance_weight > 0 add VICReg-style anti-collapse terms on the context tokens.
+    # variance_weight / covariance_weight > 0 add VICReg-style anti-collapse terms on the context tokens (batch
+    # statistics: with optim.grad_accum_steps > 1 they are taken per micro-batch).
     c.loss = ConfigDict(dict(exponent=1.0, context_weight=0.0, context_warmup_steps=0, variance_weight=0.0,
                              covariance_weight=0.0))
 
