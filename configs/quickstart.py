@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
 
     # VICReg-style variance / covariance terms on the context tokens: with the V-JEPA 2 loss alone the target
     # features collapse to a low rank within these 500 steps (effective rank 45 -> 18 of 192) and lose image
-    # velocity; with them the rank grows (45 -> 80) and the probe benchmark reads velocity (README, ablations).
+    # velocity; with them the rank grows (45 -> 101) and the probe benchmark reads velocity (README, ablations).
     c.loss.variance_weight = 1.0
     c.loss.covariance_weight = 0.04
 

@@ -88,10 +88,10 @@ class VJEPA:
                    mask_names=tuple(config.mask.types.keys()),
                    mask_tokens=tuple(int(t.mask_token) for t in config.mask.types.values()),
                    loss_exponent=float(config.loss.exponent),
-                   context_weight=float(config.loss.get("context_weight", 0.0)),
-                   context_warmup_steps=int(config.loss.get("context_warmup_steps", 0)),
-                   variance_weight=float(config.loss.get("variance_weight", 0.0)),
-                   covariance_weight=float(config.loss.get("covariance_weight", 0.0)))
+                   context_weight=float(config.loss.context_weight),
+                   context_warmup_steps=int(config.loss.context_warmup_steps),
+                   variance_weight=float(config.loss.variance_weight),
+                   covariance_weight=float(config.loss.covariance_weight))
 
     # ---- parameters: (trainable, EMA target encoder) ----
     def init(self, rng: jax.Array, config) -> tuple[dict[str, Params], Params]:
