@@ -90,13 +90,18 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_state(workdir: str, abstract_state: Any, step: int | None = None) -> tuple[Any, int]:
-    """The train state of another run (for init_from and export), without its data iterator."""
+def load_state(workdir: str, abstract_state: Any, step: int | None = None, *,
+               partial: bool = False) -> tuple[Any, int]:
+    """The train state of another run (for init_from and export), without its data iterator. partial: abstract_state
+    holds only some of the saved entries (e.g. {"ema": ...}), and only those are read from disk (export, planning
+    and init_from never need the optimiser state, two more copies of the parameters under AdamW)."""
     manager = ocp.CheckpointManager(checkpoint_dir(workdir))
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir(workdir)}")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    restore = (ocp.args.PyTreeRestore(abstract_state, partial_restore=True) if partial
+               else ocp.args.StandardRestore(abstract_state))
+    restored = manager.restore(step, args=ocp.args.Composite(state=restore))
     manager.close()
     return restored["state"], step
 

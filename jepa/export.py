@@ -187,6 +187,21 @@ def abstract_from_metadata(workdir: str, step: int, mesh) -> Any:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), tree)
 
 
+def load_state_parts(workdir: str, step: int, parts: Sequence[str], mesh=None) -> dict:
+    """Only the named entries of a run's saved train state, e.g. ("ema", "params/predictor"), as a nested dict:
+    the optimiser state (two more copies of the parameters under AdamW) is never read from disk."""
+    abstract = abstract_from_metadata(workdir, step, mesh if mesh is not None else export_mesh())
+    wanted: dict = {}
+    for part in parts:
+        *path, last = part.split("/")
+        src, dst = abstract, wanted
+        for key in path:
+            src, dst = src[key], dst.setdefault(key, {})
+        dst[last] = src[last]
+    state, _ = ckpt_lib.load_state(workdir, wanted, step, partial=True)
+    return state
+
+
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
     """`step` (checked to exist) or the run's latest finished checkpoint step."""
     import orbax.checkpoint as ocp
@@ -208,8 +223,7 @@ def load_encoder_params(workdir: str, config, *, step: int | None = None, encode
     if encoder not in ("ema", "online"):
         raise ValueError(f"--encoder: {encoder!r} is not one of 'ema', 'online'")
     step = checkpoint_step(workdir, step)
-    mesh = mesh if mesh is not None else export_mesh()
-    state, step = ckpt_lib.load_state(workdir, abstract_from_metadata(workdir, step, mesh), step)
+    state = load_state_parts(workdir, step, ["ema" if encoder == "ema" else "params/encoder"], mesh)
     params = state["ema"] if encoder == "ema" else state["params"]["encoder"]
     expected = jax.eval_shape(lambda: random_encoder_params(config))
     got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)

@@ -98,7 +98,6 @@ class WorldModel:
 
     @classmethod
     def load(cls, workdir: str, step: int | None = None) -> WorldModel:
-        from jepa import checkpoint as ckpt_lib
         from jepa import config as config_lib
         from jepa import export as export_lib
         config = export_lib.load_run_config(workdir)
@@ -107,8 +106,7 @@ class WorldModel:
                              f"{config.get('objective')!r}; train one with configs/world_model.py)")
         config_lib.validate(config)
         step = export_lib.checkpoint_step(workdir, step)
-        mesh = export_lib.export_mesh()
-        state, step = ckpt_lib.load_state(workdir, export_lib.abstract_from_metadata(workdir, step, mesh), step)
+        state = export_lib.load_state_parts(workdir, step, ["ema", "params/predictor"])
         return cls(config, state["ema"], state["params"]["predictor"], step)
 
     # ---- representations ----

@@ -48,7 +48,6 @@ class VideoPredictor:
     """A V-JEPA pretraining run's online encoder + predictor and EMA encoder, for per-step video surprise."""
 
     def __init__(self, workdir: str, step: int | None = None):
-        from jepa import checkpoint as ckpt_lib
         from jepa import export as export_lib
         from jepa import objectives
         from jepa.objectives.vjepa import gather_tokens, layer_norm, normalize_video
@@ -56,9 +55,8 @@ class VideoPredictor:
         if self.config.get("objective", "vjepa") != "vjepa":
             raise ValueError(f"--video_workdir={workdir}: not a V-JEPA pretraining run (config.objective is "
                              f"{self.config.objective!r})")
-        step = export_lib.checkpoint_step(workdir, step)
-        abstract = export_lib.abstract_from_metadata(workdir, step, export_lib.export_mesh())
-        state, self.step = ckpt_lib.load_state(workdir, abstract, step)
+        self.step = export_lib.checkpoint_step(workdir, step)
+        state = export_lib.load_state_parts(workdir, self.step, ["params", "ema"])
         self.params, self.ema = state["params"], state["ema"]
         self.objective = objectives.build(self.config)
         self.tubelet = int(self.config.model.encoder.tubelet_size)

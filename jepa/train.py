@@ -189,7 +189,8 @@ def train(config, workdir: str) -> TrainResult:
     else:
         state = load_frozen_encoder(config, run.init_state(jax.random.PRNGKey(config.seed)), mesh)
         if config.train.init_from:
-            other, other_step = ckpt_lib.load_state(config.train.init_from, abstract_state)
+            weights = {"params": abstract_state["params"], "ema": abstract_state["ema"]}  # not the optimiser
+            other, other_step = ckpt_lib.load_state(config.train.init_from, weights, partial=True)
             state = {**state, "params": other["params"], "ema": other["ema"]}
             logging.info("initialised weights from %s (step %d)", config.train.init_from, other_step)
 
@@ -231,7 +232,10 @@ def train(config, workdir: str) -> TrainResult:
                      else "none (no checkpoint was saved yet)")
             raise NonFiniteLossError(f"loss is {loss} at step {step}; last good checkpoint: {where}")
         losses.append(loss)
-        monitor.update(step, effective_rank=metrics["repr/effective_rank"], std=metrics["repr/std"])
+        if step % run.objective.diagnostics_every == 0:  # see objectives.vjepa.gated_representation_stats
+            monitor.update(step, effective_rank=metrics["repr/effective_rank"], std=metrics["repr/std"])
+        else:  # the step computed no diagnostics (zeros): log none
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("repr/")}
         if step % config.train.log_every == 0 or step == end_step:
             metrics.update(host, **progress.stats())
             writer.write(step, metrics)

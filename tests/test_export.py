@@ -111,6 +111,21 @@ def test_export_round_trip_and_resume(tiny_run, tmp_path):
         export_lib.export(tiny_run, out, **dict(kw, features=("pooled",)))
 
 
+def test_load_state_parts_reads_only_the_named_entries(tiny_run):
+    """Export, planning and surprise read the parts of a checkpoint they use, never the optimiser state; the
+    parts equal those of a full restore."""
+    from jepa import checkpoint as ckpt_lib
+
+    step = export_lib.checkpoint_step(tiny_run)
+    parts = export_lib.load_state_parts(tiny_run, step, ["ema", "params/predictor"])
+    assert set(parts) == {"ema", "params"} and set(parts["params"]) == {"predictor"}
+    full, _ = ckpt_lib.load_state(tiny_run, export_lib.abstract_from_metadata(tiny_run, step,
+                                                                              export_lib.export_mesh()), step)
+    assert "opt" in full
+    for got, want in ((parts["ema"], full["ema"]), (parts["params"]["predictor"], full["params"]["predictor"])):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+
+
 def test_online_and_random_encoders_differ_from_ema(tiny_run):
     config = export_lib.load_run_config(tiny_run)
     ema, step = export_lib.load_encoder_params(tiny_run, config)

@@ -25,7 +25,7 @@ from flax import nnx
 from jepa import metrics as metrics_lib
 from jepa import models
 from jepa.data.world import A_MAX, S_MAX
-from jepa.objectives.vjepa import layer_norm, normalize_video, representation_stats
+from jepa.objectives.vjepa import gated_representation_stats, layer_norm, normalize_video
 
 Params = Any
 
@@ -38,6 +38,7 @@ class ActionConditioned:
     rollout_steps: int
     state_source: str = "none"
     loss_exponent: float = 1.0
+    diagnostics_every: int = 1  # collapse diagnostics only on the steps the trainer logs
 
     has_ema = False  # the target (frozen) encoder never changes
     needs_masks = False
@@ -49,7 +50,8 @@ class ActionConditioned:
         pred = nnx.eval_shape(lambda: cls._build_predictor(config, nnx.Rngs(0)))
         return cls(encoder_def=nnx.graphdef(enc), predictor_def=nnx.graphdef(pred),
                    tubelet_size=int(config.model.encoder.tubelet_size), rollout_steps=int(wm.rollout_steps),
-                   state_source=str(wm.state_source), loss_exponent=float(config.loss.exponent))
+                   state_source=str(wm.state_source), loss_exponent=float(config.loss.exponent),
+                   diagnostics_every=int(config.train.log_every))
 
     @staticmethod
     def _build_predictor(config, rngs):
@@ -110,7 +112,6 @@ class ActionConditioned:
 
     # ---- the loss ----
     def loss(self, params: dict[str, Params], encoder_params: Params, batch: dict[str, jax.Array], step=0):
-        del step  # no schedule inside this loss
         z = self.encode_frames(encoder_params, batch["video"])
         actions, states = batch["actions"], batch["states"]
         p = self.loss_exponent
@@ -125,7 +126,7 @@ class ActionConditioned:
             total = total + aux["loss/state"]
         # repr/*: the frozen encoder's frame features (the trainer's collapse monitor watches these); pred/std:
         # the predictions' per-dimension spread, far below repr/std when the predictor outputs an average frame.
-        aux.update(representation_stats(z.reshape(-1, *z.shape[2:])))
+        aux.update(gated_representation_stats(z.reshape(-1, *z.shape[2:]), step, self.diagnostics_every))
         aux["pred/std"] = jnp.mean(jnp.std(z_tf.reshape(-1, z_tf.shape[-1]), axis=0))
         return total, aux
 
