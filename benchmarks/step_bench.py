@@ -1,14 +1,18 @@
-"""Throughput of the REAL V-JEPA train step (the function jepa/train.py jits) against the float32 matmul peak.
+"""Throughput of the REAL V-JEPA train step (the function jepa/train.py jits) against the matmul peak.
 
     python benchmarks/step_bench.py --config=configs/quickstart.py
     python benchmarks/step_bench.py --config=configs/quickstart.py --config.train.global_batch_size=16
     python benchmarks/step_bench.py --config=configs/quickstart.py --tuned_env   # re-exec with TUNED_ENV
+    python benchmarks/step_bench.py --config=configs/quickstart.py --profile=/tmp/prof   # + the costliest ops
+    python benchmarks/step_bench.py --config=configs/vjepa2_vitl16.py --config.model.attention=cudnn \
+        --config.model.dtype=bfloat16 --config.train.global_batch_size=32 --config.model.remat=none   # on a GPU
 
 The step is the trainer's own (jepa.train.build_run: objective, optimiser, schedules, gradient accumulation,
 EMA, jit with the trainer's shardings and donation), fed real masks from the pipeline's masker plus random uint8
 clips (the step's cost does not depend on pixel values). It prints the compile time (persistent cache off
 unless --cache), the best and median step time, clips/s, the analytic GFLOP/s (jepa.metrics.vjepa_step_flops,
-as the trainer logs it), the measured matmul peak (jepa.metrics.measure_matmul_peak) and the % of that peak,
+as the trainer logs it), the matmul peak measured in the config's compute dtype (jepa.metrics.measure_matmul_peak)
+and the % of that peak (on accelerators also MFU against the nominal peak, jepa.metrics.nominal_peak_flops),
 plus process CPU time and page faults per step (on a shared machine wall time is inflated by the load; CPU time
 much less so). `uptime` load is printed before and after.
 
@@ -50,6 +54,41 @@ def reexec_with(env: dict[str, str]) -> None:
         return
     import sys
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
+
+PROFILED_STEPS = 3
+
+
+def print_op_table(trace_dir: str, top: int = 25) -> None:
+    """Where a step's time goes: the most expensive XLA ops (CPU thunks, GPU kernels) of the newest perfetto
+    trace in `trace_dir`, in ms per step, per trace process (host threads, each GPU stream). Ops running at the
+    same time on different threads or streams overlap, so the columns can add up to more than the step."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True), key=os.path.getmtime)
+    with gzip.open(path) as f:
+        events = json.load(f)["traceEvents"]
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    host_frames = re.compile(r"^(\$|ThunkExecutor|SlinkyThreadPool|end: |PjitFunction|CommonPjRt|.*::)")
+    per_op, per_kind, per_process = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") != "X" or host_frames.match(e["name"]):
+            continue
+        process = processes.get(e["pid"], str(e["pid"]))
+        per_op[(process, e["name"])] += e["dur"]
+        per_kind[(process, re.sub(r"[._]\d+$", "", e["name"]))] += e["dur"]  # fusion.12 -> fusion
+        per_process[process] += e["dur"]
+    print(f"profile ({path}), ms per step:")
+    for process, us in per_process.most_common():
+        print(f"  {us / PROFILED_STEPS / 1e3:9.2f}  all ops of {process}")
+    for title, table in (("kinds", per_kind), ("ops", per_op)):
+        print(f"  top {title}:")
+        for (process, name), us in table.most_common(top):
+            print(f"  {us / PROFILED_STEPS / 1e3:9.2f}  {name[:100]}  [{process[:40]}]")
 
 
 def build_step(config):
@@ -99,10 +138,11 @@ def main(argv) -> None:
         cpu.append(time.process_time() - c0)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / flags.FLAGS.reps
     if flags.FLAGS.profile:
-        with jax.profiler.trace(flags.FLAGS.profile):
-            for _ in range(3):
+        with jax.profiler.trace(flags.FLAGS.profile, create_perfetto_trace=True):
+            for _ in range(PROFILED_STEPS):
                 state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
+        print_op_table(flags.FLAGS.profile)
     best, med = min(times), float(np.median(times))
     b = config.train.global_batch_size
     print(f"train step: batch {b}, {flops / 1e9:.1f} analytic GFLOP/step, compile {compile_s:.1f} s, "
@@ -112,9 +152,18 @@ def main(argv) -> None:
           f"{min(cpu):.2f} s (median {float(np.median(cpu)):.2f} s; load inflates wall time, less so this); "
           f"{faults:.0f} page faults per step")
     if flags.FLAGS.peak:
-        peak = metrics_lib.measure_matmul_peak(jnp.float32)
-        print(f"  float32 matmul peak {peak / 1e9:.1f} GFLOP/s -> {100 * flops / best / peak:.1f}% of peak "
-              f"(median {100 * flops / med / peak:.1f}%)")
+        device = jax.local_devices()[0]
+        dtype = jnp.dtype(config.model.dtype)
+        accelerator = device.platform != "cpu"
+        per_device = flops / jax.device_count()
+        peak = metrics_lib.measure_matmul_peak(dtype, n=8192 if accelerator else 2048)
+        print(f"  {dtype.name} matmul peak measured {peak / 1e9:.1f} GFLOP/s per device -> "
+              f"{100 * per_device / best / peak:.1f}% of it (median {100 * per_device / med / peak:.1f}%)")
+        nominal = metrics_lib.nominal_peak_flops(device.device_kind)
+        if nominal:
+            nominal = nominal / 2 if dtype == jnp.float32 and device.platform == "gpu" else nominal
+            print(f"  MFU against the nominal {nominal / 1e12:.0f} TFLOP/s of a {device.device_kind}: "
+                  f"{100 * per_device / best / nominal:.1f}% (median {100 * per_device / med / nominal:.1f}%)")
     load = os.getloadavg()
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -125,7 +174,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("reps", 10, "timed steps")
     flags.DEFINE_bool("cache", False, "use config.train.compilation_cache (off: compile time is measured honestly)")
     flags.DEFINE_bool("peak", True, "measure the float32 matmul peak")
-    flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 steps to this directory")
+    flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 steps to this directory and print the top ops")
     flags.DEFINE_bool("tuned_env", False, "re-execute with TUNED_ENV (allocator and OpenBLAS settings) first")
     flags.mark_flags_as_required(["config"])
 

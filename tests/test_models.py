@@ -578,6 +578,29 @@ def test_variance_covariance_terms_separate_spread_from_collapsed_tokens():
     assert np.isfinite(np.asarray(grads)).all() and float(jnp.abs(grads).max()) > 0
 
 
+def test_collapse_diagnostics_only_on_logged_steps():
+    """With train.log_every = 3 the objective computes the effective rank and std only on the steps the trainer
+    logs (state step + 1 divisible by 3: the eigendecomposition runs on the host even on GPUs) and zeros
+    elsewhere; the loss itself does not depend on the step."""
+    from jepa.objectives.vjepa import VJEPA
+
+    c, grid, batch = pinned_loss_setup()
+    c.train.log_every = 3
+    objective = VJEPA.from_config(c, grid)
+    assert objective.diagnostics_every == 3
+    params, _ = objective.init(jax.random.PRNGKey(0), c)
+    ema = jax.tree.map(lambda x: x * 1.5, params["encoder"])
+    fn = jax.jit(objective.loss)
+    for step in range(6):
+        loss, aux = fn(params, ema, batch, step)
+        assert float(loss) == pytest.approx(PINNED["loss"], rel=1e-5)
+        if (step + 1) % 3 == 0:
+            assert float(aux["repr/effective_rank"]) == pytest.approx(PINNED["repr/effective_rank"], rel=2e-4)
+            assert float(aux["repr/std"]) == pytest.approx(PINNED["repr/std"], rel=1e-5)
+        else:
+            assert float(aux["repr/effective_rank"]) == 0.0 and float(aux["repr/std"]) == 0.0
+
+
 def test_effective_rank_matches_svd():
     """The Gram-matrix effective rank used inside the train step against a float64 numpy SVD."""
     from jepa.metrics import effective_rank
@@ -624,3 +647,49 @@ def test_step_bench_runs_the_trainers_step():
     new_state, metrics = step(state, batch)  # donates `state`
     assert float(metrics["loss"]) == pytest.approx(want, rel=1e-5)
     assert int(new_state["step"]) == 1 and np.isfinite(float(metrics["grad_norm"]))
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+    import pathlib
+    import sys
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))  # the benchmarks import one another, as they do when run as scripts
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_step_ceiling_times_every_pass_of_the_step():
+    """benchmarks/step_ceiling.py: the target encoder pass plus a context-encoder and a predictor pass per mask
+    type, each with positive linear and attention matmul times."""
+    from jepa.data import pipeline
+
+    ceiling = _load_benchmark("step_ceiling")
+    c, _, _ = pinned_loss_setup()
+    c.train.global_batch_size = 2
+    passes = ceiling.ceiling(c, reps=1)
+    lengths = pipeline.mask_lengths(c)
+    assert len(passes) == 1 + 2 * len(lengths)
+    assert all(p["linear"] > 0 and p["attention"] > 0 for p in passes.values())
+
+
+def test_step_bench_op_table_reads_a_real_trace(tmp_path, capsys):
+    """step_bench --profile: the perfetto trace of real steps is summarised as XLA ops in ms per step."""
+    bench = _load_benchmark("step_bench")
+    c, _, _ = pinned_loss_setup()
+    c.train.global_batch_size = 2
+    step, state, batch, _ = bench.build_step(c)
+    state, metrics = step(state, batch)  # compile outside the trace, as step_bench does
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        for _ in range(bench.PROFILED_STEPS):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    bench.print_op_table(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "all ops of" in out and "top kinds:" in out and "fusion" in out
