@@ -53,7 +53,13 @@ def setup_runtime(config) -> None:
     (jax.distributed, gloo collectives on CPU; config.distributed, see jepa/sharding.py)."""
     if "distributed" in config:
         sharding.initialize_distributed(config.distributed)
-    if config.train.compilation_cache:
+    if config.train.compilation_cache and jax.default_backend() == "cpu" and jax.local_device_count() > 1:
+        # Measured with jaxlib 0.10.2: an SPMD train step loaded from the cache on several CPU devices of one
+        # process deadlocks in its collectives (XLA's 40 s rendezvous timeout then aborts the run); compiling
+        # afresh works. tests/test_sharding.py runs the 2x2x2 mesh twice on one cache to catch this.
+        logging.warning("persistent compilation cache off: %d CPU devices in this process (a multi-device "
+                        "executable loaded from the cache deadlocks on XLA:CPU)", jax.local_device_count())
+    elif config.train.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.train.compilation_cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -55,3 +55,10 @@ def tiny_run(tmp_path_factory, world_dir, jax_cache):
     workdir = str(tmp_path_factory.mktemp("tiny_run"))
     train_lib.train(c, workdir)
     return workdir
+
+
+def child_error(stderr: str, chars: int = 3000) -> str:
+    """The part of a failed child process's stderr worth reading: the end, or, when it aborted, what precedes the
+    fault handler's thread dump (XLA's fatal "Check failed" line would otherwise scroll out of view)."""
+    crash = stderr.find("Fatal Python error")
+    return stderr[max(0, crash - chars):crash + 1000] if crash >= 0 else stderr[-chars:]

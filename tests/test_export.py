@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, load_config
+from conftest import REPO, child_error, load_config
 
 from jepa import export as export_lib
 
@@ -151,7 +151,7 @@ def test_cli_export_then_probe(tiny_run, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "jepa.export", f"--workdir={tiny_run}", f"--split={split}",
                                f"--output={dirs[split]}", "--batch_size=4", "--no_progress", *OVERRIDES],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, child_error(proc.stderr)
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         assert summary["split"] == split and summary["num_segments"] == 2
     proc = subprocess.run([sys.executable, "-m", "jepa.probe", f"--features={dirs['train']}",
@@ -159,7 +159,7 @@ def test_cli_export_then_probe(tiny_run, tmp_path):
                            "--task=classification", "--target=domain", "--probe=linear", "--lrs=0.01,0.1",
                            "--wds=0.01", "--epochs=5", f"--output={tmp_path / 'result.json'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     result = json.loads((tmp_path / "result.json").read_text())
     assert len(result["grid"]) == 2 and result["rows"] == {"train": 8, "val": 2, "test": 2}
     assert 0.0 <= result["test"]["accuracy"] <= 1.0

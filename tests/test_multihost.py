@@ -18,7 +18,7 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from conftest import QUICKSTART, REPO  # noqa: E402
+from conftest import QUICKSTART, REPO, child_error  # noqa: E402
 
 LOSS_RTOL = 1e-5  # see tests/test_sharding.py
 
@@ -125,7 +125,7 @@ def test_two_processes_match_one_process_and_resume_on_one(tmp_path, world_dir, 
 
     proc = subprocess.run(cli(multi, overrides(world_dir, jax_cache, stop_at=6, mesh=(4, 1, 1))), cwd=REPO,
                           env=env_for(4), capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     assert "saved by another process count" in proc.stderr
     steps = [r["step"] for r in records(multi)]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import QUICKSTART, REPO, load_config
+from conftest import QUICKSTART, REPO, child_error, load_config
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -164,8 +164,9 @@ def test_2x2x2_mesh_matches_one_device(tmp_path, tiny_config, world_dir, jax_cac
     """Fast multi-device check: data, fsdp and tensor parallelism together, 2 steps, against one device."""
     steps = 2
     proc = run_cli(tmp_path / "mesh", 8, (2, 2, 2), common_overrides(world_dir, jax_cache, steps))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     assert "'data': 2, 'fsdp': 2, 'tensor': 2" in proc.stderr
+    assert "persistent compilation cache off: 8 CPU devices" in proc.stderr  # see jepa.train.setup_runtime
     sharded = losses_of(tmp_path / "mesh")
     ref = reference_losses(tiny_config, tmp_path, steps)
     assert len(sharded) == len(ref) == steps
@@ -177,7 +178,7 @@ def test_2x2x2_mesh_matches_one_device(tmp_path, tiny_config, world_dir, jax_cac
 def test_meshes_match_one_device(tmp_path, tiny_config, world_dir, jax_cache, mesh):
     steps = 4
     proc = run_cli(tmp_path / "mesh", 8, mesh, common_overrides(world_dir, jax_cache, steps))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     np.testing.assert_allclose(losses_of(tmp_path / "mesh"), reference_losses(tiny_config, tmp_path, steps),
                                rtol=LOSS_RTOL)
 
@@ -206,7 +207,7 @@ def test_fsdp8_addressable_shards_at_most_a_sixth():
     """The created state (not only the shapes) holds <= 1/6 of the replicated bytes on each of 8 devices."""
     proc = subprocess.run([sys.executable, "-c", SHARD_BYTES_SCRIPT], cwd=REPO, env=cli_env(8),
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["per_device"]) == 8
     assert max(out["per_device"].values()) <= out["full"] / 6, out

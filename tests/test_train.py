@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import QUICKSTART, REPO
+from conftest import QUICKSTART, REPO, child_error
 
 from jepa import checkpoint as ckpt_lib
 from jepa import sharding
@@ -29,7 +29,7 @@ def test_cli_end_to_end(tmp_path, world_dir, jax_cache):
     proc = run_cli(f"--config={QUICKSTART}:tiny", f"--workdir={workdir}",
                    f"--config.data.sources.world.data_dir={world_dir}",
                    f"--config.train.compilation_cache={jax_cache}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["final_step"] == 6
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

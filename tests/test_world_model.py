@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_config, local_config
+from conftest import REPO, child_error, load_config, local_config
 from flax import nnx
 
 from jepa import planning
@@ -271,7 +271,7 @@ def test_plan_cli_end_to_end(tmp_path, wm_run):
     out = tmp_path / "plan"
     proc = run_module("jepa.plan", f"--workdir={wm_run}", "--domain=reacher", "--episodes=1", "--monitor",
                       f"--output={out}", "--config.plan.episode_steps=4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= summary["success_rate"] <= 1.0 and summary["plan_seconds_per_action"] > 0
     result = json.loads((out / "plan_reacher_cem.json").read_text())
@@ -302,7 +302,7 @@ def test_plan_and_surprise_benchmarks_write_their_reports(tmp_path, wm_run, tiny
     out = tmp_path / "bench"
     proc = run_module("jepa.plan", "benchmark", f"--workdir={wm_run}", f"--baseline_workdir={wm_run}",
                       "--domains=reacher", "--episodes=1", f"--output={out}", "--config.plan.episode_steps=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     assert "random actions" in proc.stdout
     report = json.loads((out / "planning_benchmark.json").read_text())
     assert set(report["domains"]["reacher"]["methods"]) == {"CEM, world model", "CEM, random-encoder world model",
@@ -310,7 +310,7 @@ def test_plan_and_surprise_benchmarks_write_their_reports(tmp_path, wm_run, tiny
     assert (out / "energy_landscape.png").stat().st_size > 1000
     proc = run_module("jepa.surprise", "benchmark", f"--workdir={wm_run}", f"--video_workdir={tiny_run}",
                       "--clips=2", "--split=train", f"--output={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, child_error(proc.stderr)
     auroc = json.loads((out / "surprise_benchmark.json").read_text())["auroc"]
     assert set(auroc) == {"action-conditioned", "video"}
     assert all(0.0 <= v <= 1.0 for per in auroc.values() for v in per.values())
