@@ -42,6 +42,19 @@ def test_cli_end_to_end(tmp_path, world_dir, jax_cache):
     assert "step 6/6" in proc.stderr  # the progress line
 
 
+def test_collapse_diagnostics_on_logged_steps_only(tmp_path, tiny_config):
+    """With log_every = 2 the step computes the effective rank on steps 2 and 4 only (objectives.vjepa.
+    gated_representation_stats); the final step 5 is logged without them, and the run is unaffected otherwise."""
+    tiny_config.train.log_every = 2
+    tiny_config.train.stop_at = 5
+    train_lib.train(tiny_config, str(tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    for r in records[:2]:
+        assert r["repr/effective_rank"] > 1 and r["repr/std"] > 0
+    assert not any(k.startswith("repr/") for k in records[2])
+
+
 def test_misspelt_override_fails_before_any_work(tmp_path):
     start = time.time()
     proc = run_cli(f"--config={QUICKSTART}:tiny", f"--workdir={tmp_path / 'run'}", "--config.train.totl_steps=3",
