@@ -44,7 +44,8 @@ def predictor_flops(batch: int, nc: int, nt: int, enc_width: int, width: int, de
                     + 2.0 * nt * width * enc_width)
 
 
-def best_time(fn, *args, reps: int = 5) -> float:
+def best_time(fn, *args, reps: int = 5) -> tuple[float, float]:
+    """(best, median) seconds of `reps` calls after a warm-up call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):

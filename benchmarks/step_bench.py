@@ -159,9 +159,8 @@ def main(argv) -> None:
         peak = metrics_lib.measure_matmul_peak(dtype, n=8192 if accelerator else 2048)
         print(f"  {dtype.name} matmul peak measured {peak / 1e9:.1f} GFLOP/s per device -> "
               f"{100 * per_device / best / peak:.1f}% of it (median {100 * per_device / med / peak:.1f}%)")
-        nominal = metrics_lib.nominal_peak_flops(device.device_kind)
-        if nominal:
-            nominal = nominal / 2 if dtype == jnp.float32 and device.platform == "gpu" else nominal
+        if metrics_lib.nominal_peak_flops(device.device_kind):
+            nominal = metrics_lib.device_peak_flops(device, dtype)  # the table's peak, as the trainer's MFU uses
             print(f"  MFU against the nominal {nominal / 1e12:.0f} TFLOP/s of a {device.device_kind}: "
                   f"{100 * per_device / best / nominal:.1f}% (median {100 * per_device / med / nominal:.1f}%)")
     load = os.getloadavg()
@@ -173,7 +172,7 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
     flags.DEFINE_integer("reps", 10, "timed steps")
     flags.DEFINE_bool("cache", False, "use config.train.compilation_cache (off: compile time is measured honestly)")
-    flags.DEFINE_bool("peak", True, "measure the float32 matmul peak")
+    flags.DEFINE_bool("peak", True, "measure the matmul peak in the config's compute dtype")
     flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 steps to this directory and print the top ops")
     flags.DEFINE_bool("tuned_env", False, "re-execute with TUNED_ENV (allocator and OpenBLAS settings) first")
     flags.mark_flags_as_required(["config"])

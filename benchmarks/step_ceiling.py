@@ -24,22 +24,13 @@ import numpy as np
 import step_bench  # benchmarks/ is on sys.path when this file runs as a script
 from absl import app, flags
 from ml_collections import config_flags
+from model_bench import best_time  # benchmarks/ is on sys.path
 
 from jepa import config as config_lib
 from jepa import metrics as metrics_lib
 from jepa import models
 from jepa.data import pipeline
 from jepa.models import layers
-
-
-def best_seconds(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 class Timer:
@@ -58,10 +49,10 @@ class Timer:
         key = ("linear", m, k, n, backward)
         if key not in self.cache:
             x, w, dy = self._rand(m, k), self._rand(k, n), self._rand(m, n)
-            t = best_seconds(jax.jit(jnp.dot), x, w, reps=self.reps)
+            t = best_time(jax.jit(jnp.dot), x, w, reps=self.reps)[0]
             if backward:
-                t += best_seconds(jax.jit(lambda dy, w: dy @ w.T), dy, w, reps=self.reps)
-                t += best_seconds(jax.jit(lambda x, dy: x.T @ dy), x, dy, reps=self.reps)
+                t += best_time(jax.jit(lambda dy, w: dy @ w.T), dy, w, reps=self.reps)[0]
+                t += best_time(jax.jit(lambda x, dy: x.T @ dy), x, dy, reps=self.reps)[0]
             self.cache[key] = t
         return self.cache[key]
 
@@ -72,9 +63,9 @@ class Timer:
             q, k, v = self._rand(b, h, n, d), self._rand(b, h, n, d), self._rand(b, h, n, d)
             if backward:
                 fn = jax.jit(lambda q, k, v, g: jax.vjp(layers.attention, q, k, v)[1](g))
-                self.cache[key] = best_seconds(fn, q, k, v, self._rand(b, h, n, d), reps=self.reps)
+                self.cache[key] = best_time(fn, q, k, v, self._rand(b, h, n, d), reps=self.reps)[0]
             else:
-                self.cache[key] = best_seconds(jax.jit(layers.attention), q, k, v, reps=self.reps)
+                self.cache[key] = best_time(jax.jit(layers.attention), q, k, v, reps=self.reps)[0]
         return self.cache[key]
 
 
