@@ -16,7 +16,6 @@ mappings transparent huge pages (10x fewer faults); it must be set before the pr
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -63,28 +62,36 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return 2.0 * n ** 3 / best / 1e9
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--resolution", type=int, default=64)
-    ap.add_argument("--patch", type=int, default=8)
-    ap.add_argument("--tubelet", type=int, default=2)
-    ap.add_argument("--width", type=int, default=192)
-    ap.add_argument("--depth", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=3)
-    ap.add_argument("--mlp", type=int, default=768)
-    ap.add_argument("--pred-width", type=int, default=96)
-    ap.add_argument("--pred-depth", type=int, default=4)
-    ap.add_argument("--pred-heads", type=int, default=3)
-    ap.add_argument("--context", type=int, default=96, help="context tokens per clip for the predictor step")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
-    ap.add_argument("--unroll", action="store_true", help="Python loop over blocks instead of lax.scan")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--skip-peak", action="store_true")
-    args = ap.parse_args()
+def _define_flags() -> None:
+    from absl import flags
+    for name, default, help_string in (
+            ("batch", 32, "clips per step"), ("frames", 8, "frames per clip"), ("resolution", 64, "pixels"),
+            ("patch", 8, "patch size"), ("tubelet", 2, "tubelet size"), ("width", 192, "encoder width"),
+            ("depth", 6, "encoder blocks"), ("heads", 3, "encoder heads"), ("mlp", 768, "encoder MLP units"),
+            ("pred_width", 96, "predictor width"), ("pred_depth", 4, "predictor blocks"),
+            ("pred_heads", 3, "predictor heads"), ("context", 96, "context tokens per clip for the predictor step"),
+            ("reps", 5, "timed repetitions (best is kept)")):
+        flags.DEFINE_integer(name, default, help_string, lower_bound=1)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+    flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "rematerialisation policy")
+    flags.DEFINE_enum("attention", "einsum", ["einsum", "xla", "cudnn"], "attention implementation")
+    flags.DEFINE_boolean("unroll", False, "Python loop over blocks instead of lax.scan")
+    flags.DEFINE_boolean("skip_peak", False, "do not measure the matmul peak")
+
+
+def main(argv=None) -> None:
+    """`python benchmarks/model_bench.py [--flags]` (argv: the arguments after the program name)."""
+    import types
+
+    from absl import flags
+
+    from jepa import cli
+    with cli.flag_scope():
+        _define_flags()
+        cli.parse(argv)
+        args = types.SimpleNamespace(**{name: flags.FLAGS[name].value for name in (
+            "batch", "frames", "resolution", "patch", "tubelet", "width", "depth", "heads", "mlp", "pred_width",
+            "pred_depth", "pred_heads", "context", "reps", "dtype", "remat", "attention", "unroll", "skip_peak")})
 
     load = os.getloadavg()
     print(f"device {jax.devices()[0].device_kind} x{jax.device_count()}, load average {load[0]:.2f} "
@@ -162,4 +169,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from jepa import cli
+    cli.run(main, __doc__)

@@ -10,7 +10,14 @@ on validation, reported on test.
 
 import sys
 
-from jepa import probe
+from jepa import cli, probe
+
+
+def main(argv=None) -> dict:
+    """`python benchmarks/probe_bench.py --workdir=RUN [--flags]`: `python -m jepa.probe benchmark` (argv: the
+    arguments after the program name)."""
+    return probe.main(["benchmark", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    probe.main(["benchmark", *sys.argv[1:]])
+    cli.run(main, __doc__)

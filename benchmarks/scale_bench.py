@@ -5,7 +5,7 @@ measured or assumed step time against the nominal peaks in jepa.metrics (H100, H
     python benchmarks/scale_bench.py --config=configs/quickstart.py:tiny --devices=8 --mesh=1,8,1
     python benchmarks/scale_bench.py --config=configs/vjepa2_vitl16.py --devices=8 --mesh=1,8,1 \
         --batch=64 --step_time=1.9 --device_kind=H100
-    python benchmarks/scale_bench.py ... --set model.remat=full --set optim.grad_accum_steps=2 --verbose
+    python benchmarks/scale_bench.py ... --config.model.remat=full --config.optim.grad_accum_steps=2 --verbose
 
 --devices N simulates N CPU devices (XLA_FLAGS, set before jax is imported); on an accelerator host leave it 0 to
 compile for the real devices (the numbers are then the accelerator's). The step is jepa.train.build_run's,
@@ -16,72 +16,55 @@ Throughput of a real CPU step: benchmarks/step_bench.py.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="path.py[:arg]")
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor (-1 fills)")
-    p.add_argument("--devices", type=int, default=0, help="simulated CPU devices (0: the real ones)")
-    p.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
-    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override (repeatable)")
-    p.add_argument("--step_time", type=float, default=0.0, help="measured or assumed seconds per step")
-    p.add_argument("--device_kind", default="", help="peak table key for MFU, e.g. H100, H200, A100, 'TPU v5p'")
-    p.add_argument("--verbose", action="store_true", help="print every state array's sharding")
-    return p.parse_args(argv)
-
-
-def load_config(spec: str):
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def apply_override(config, item: str):
-    import ast
-    field, _, value = item.partition("=")
-    *parents, leaf = field.removeprefix("config.").split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    if leaf not in node:
-        raise ValueError(f"--set {item}: config has no field {field!r}")
-    old = node[leaf]
-    try:
-        new = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        new = value
-    node[leaf] = type(old)(new) if isinstance(old, (int, float, str)) and not isinstance(old, bool) else new
 
 
 def gib(n: float) -> str:
     return f"{n / 2**30:8.3f} GiB" if n >= 2**30 else f"{n / 2**20:8.3f} MiB"
 
 
+def _define_flags(argv) -> None:
+    from absl import flags
+
+    from jepa import cli
+    cli.define_config_file(argv)
+    flags.DEFINE_string("mesh", "-1,1,1", "data,fsdp,tensor (-1 fills)")
+    flags.DEFINE_integer("devices", 0, "simulated CPU devices (0: the real ones)", lower_bound=0)
+    flags.DEFINE_integer("batch", 0, "global batch (0: the config's)", lower_bound=0)
+    flags.DEFINE_float("step_time", 0.0, "measured or assumed seconds per step")
+    flags.DEFINE_string("device_kind", "", "peak table key for MFU, e.g. H100, H200, A100, 'TPU v5p'")
+    flags.DEFINE_boolean("verbose", False, "print every state array's sharding")
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.devices:
+    """`python benchmarks/scale_bench.py --config=FILE[:ARG] [--flags] [--config.FIELD=VALUE ...]` (argv: the
+    arguments after the program name)."""
+    import types
+
+    from absl import flags
+
+    from jepa import cli
+    argv = list(sys.argv[1:] if argv is None else argv)
+    devices = cli.flag_value(argv, "devices")
+    if devices and devices != "0":  # XLA reads this when jax is first imported, i.e. before the config file loads
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.devices}")
+                                   f" --xla_force_host_platform_device_count={devices}")
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    with cli.flag_scope():
+        _define_flags(argv)
+        cli.parse(argv, required=("config",))
+        names = ("config", "mesh", "devices", "batch", "step_time", "device_kind", "verbose")
+        args = types.SimpleNamespace(**{n: flags.FLAGS[n].value for n in names})
     import jax
     import numpy as np
 
     from jepa import config as config_lib
+    from jepa import masks, sharding
     from jepa import metrics as metrics_lib
-    from jepa import sharding
     from jepa import train as train_lib
-    from jepa.data import pipeline
 
-    config = load_config(args.config)
-    for item in args.set:
-        apply_override(config, item)
+    config = args.config
     if args.batch:
         config.train.global_batch_size = args.batch
     config.mesh = dict(zip(sharding.AXES, (int(x) for x in args.mesh.split(",")), strict=True))
@@ -93,7 +76,7 @@ def main(argv=None) -> int:
     b = config.train.global_batch_size
     r, t = config.data.resolution, config.data.num_frames
     batch = {"video": jax.ShapeDtypeStruct((b, t, r, r, 3), np.uint8, sharding=sharding.batch_sharding(mesh))}
-    for name, (n_ctx, n_tgt) in pipeline.mask_lengths(config).items():
+    for name, (n_ctx, n_tgt) in masks.mask_lengths(config).items():
         batch[f"{name}/context_idx"] = jax.ShapeDtypeStruct((b, n_ctx), np.int32,
                                                             sharding=sharding.batch_sharding(mesh))
         batch[f"{name}/target_idx"] = jax.ShapeDtypeStruct((b, n_tgt), np.int32,
@@ -113,8 +96,9 @@ def main(argv=None) -> int:
     state_dev = sharding.bytes_per_device(run.abstract_state, run.state_shardings)
     params_dev = sharding.bytes_per_device(params, param_shardings)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    print(f"config {args.config} {' '.join(args.set)} | global batch {b} | mesh {dict(mesh.shape)} on "
-          f"{mesh.size} x {jax.devices()[0].device_kind}")
+    overrides = [a for a in argv if a.startswith("--config.")]
+    print(f"config {cli.flag_value(argv, 'config')} {' '.join(overrides)} | global batch {b} | mesh "
+          f"{dict(mesh.shape)} on {mesh.size} x {jax.devices()[0].device_kind}")
     print(f"parameters          {n_params / 1e6:10.2f} M")
     print(f"params per device   {gib(params_dev)}   (replicated {gib(sharding.replicated_bytes(params))})")
     print(f"state per device    {gib(state_dev)}   (params + EMA + Adam; replicated {gib(full_state)}, "
@@ -152,4 +136,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jepa import cli
+    cli.run(main, __doc__)

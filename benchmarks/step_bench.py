@@ -36,13 +36,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from jepa import config as config_lib
+from jepa import masks, sharding, train
 from jepa import metrics as metrics_lib
-from jepa import sharding, train
-from jepa.data import pipeline
 
 TUNED_ENV = train.PROCESS_ENV  # what `python -m jepa.train` sets for itself
 
@@ -102,13 +100,23 @@ def build_step(config):
     res = config.data.resolution
     h, w = (res, res) if isinstance(res, int) else tuple(res)
     local = {"video": rng.integers(0, 256, (b, config.data.num_frames, h, w, 3), dtype=np.uint8)}
-    local.update(pipeline.make_masker(config)(b, rng))
+    local.update(masks.make_masker(config)(b, rng))
     batch = sharding.global_batch({k: local[k] for k in train.data_keys(config)}, mesh)
     return run.train_step, state, batch, train.training_flops(config, run.grid)
 
 
-def main(argv) -> None:
-    del argv
+def main(argv=None) -> None:
+    """`python benchmarks/step_bench.py --config=FILE[:ARG] [--flags] [--config.FIELD=VALUE ...]` (argv: the
+    arguments after the program name)."""
+    from jepa import cli
+    with cli.flag_scope():
+        define_flags(argv)
+        cli.parse(argv, required=("config",))
+        bench()
+
+
+def bench() -> None:
+    """Builds, compiles and times the step as the parsed flags say."""
     if flags.FLAGS.tuned_env:
         reexec_with(TUNED_ENV)
     config = flags.FLAGS.config
@@ -167,17 +175,17 @@ def main(argv) -> None:
     print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
-def define_flags() -> None:
+def define_flags(argv=None) -> None:
     """Command-line flags (defined here, not at import, so tests can import build_step)."""
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
+    from jepa import cli
+    cli.define_config_file(argv)
     flags.DEFINE_integer("reps", 10, "timed steps")
     flags.DEFINE_bool("cache", False, "use config.train.compilation_cache (off: compile time is measured honestly)")
     flags.DEFINE_bool("peak", True, "measure the matmul peak in the config's compute dtype")
     flags.DEFINE_string("profile", "", "write a jax.profiler trace of 3 steps to this directory and print the top ops")
     flags.DEFINE_bool("tuned_env", False, "re-execute with TUNED_ENV (allocator and OpenBLAS settings) first")
-    flags.mark_flags_as_required(["config"])
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    from jepa import cli
+    cli.run(main, __doc__)

@@ -22,14 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import step_bench  # benchmarks/ is on sys.path when this file runs as a script
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 from model_bench import best_time  # benchmarks/ is on sys.path
 
 from jepa import config as config_lib
+from jepa import masks, models
 from jepa import metrics as metrics_lib
-from jepa import models
-from jepa.data import pipeline
 from jepa.models import layers
 
 
@@ -85,13 +83,13 @@ def ceiling(config, reps: int) -> dict[str, dict[str, float]]:
     e = config.model.encoder
     patch_dim = int(e.tubelet_size) * int(e.patch_size) ** 2 * 3
     b = int(config.train.global_batch_size)
-    tokens = int(np.prod(pipeline.token_grid(config)))
+    tokens = int(np.prod(masks.clip_token_grid(config)))
     timer = Timer(jnp.dtype(config.model.dtype), reps)
     passes = {}
     target = transformer_seconds(timer, b, tokens, enc, backward=False)
     target["linear"] += timer.linear(b * tokens, patch_dim, enc["width"], False)
     passes["target encoder (forward)"] = target
-    for name, (nc, nt) in pipeline.mask_lengths(config).items():
+    for name, (nc, nt) in masks.mask_lengths(config).items():
         context = transformer_seconds(timer, b, nc, enc, backward=True)
         context["linear"] += timer.linear(b * nc, patch_dim, enc["width"], True)
         passes[f"{name}: context encoder ({nc} tokens)"] = context
@@ -102,8 +100,21 @@ def ceiling(config, reps: int) -> dict[str, dict[str, float]]:
     return passes
 
 
-def main(argv) -> None:
-    del argv
+def main(argv=None) -> None:
+    """`python benchmarks/step_ceiling.py --config=FILE[:ARG] [--reps=N] [--tuned_env] [--config.FIELD=VALUE ...]`
+    (argv: the arguments after the program name)."""
+    from jepa import cli
+    with cli.flag_scope():
+        cli.define_config_file(argv)
+        flags.DEFINE_integer("reps", 10, "timed repetitions per matmul and of the real step (best is kept)",
+                             lower_bound=1)
+        flags.DEFINE_bool("tuned_env", False, "re-execute with step_bench.TUNED_ENV (allocator, OpenBLAS) first")
+        cli.parse(argv, required=("config",))
+        report()
+
+
+def report() -> None:
+    """Times the matmuls and the real step as the parsed flags say, and prints the comparison."""
     if flags.FLAGS.tuned_env:
         step_bench.reexec_with(step_bench.TUNED_ENV)
     jax.config.update("jax_enable_compilation_cache", False)
@@ -137,8 +148,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
-    flags.DEFINE_integer("reps", 10, "timed repetitions per matmul and of the real step (best is kept)")
-    flags.DEFINE_bool("tuned_env", False, "re-execute with step_bench.TUNED_ENV (allocator, OpenBLAS) first")
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from jepa import cli
+    cli.run(main, __doc__)

@@ -17,8 +17,8 @@ def get_config(arg: str = ""):
     c.data.resolution = 64
     c.data.num_workers = 1
 
-    c.model.encoder = dict(size="tiny", width=0, depth=6, heads=0, mlp_dim=0, patch_size=8, tubelet_size=2)
-    c.model.predictor = dict(width=96, depth=4, heads=3, num_mask_tokens=10)
+    c.model.encoder.update(size="tiny", width=0, depth=6, heads=0, mlp_dim=0, patch_size=8, tubelet_size=2)
+    c.model.predictor.update(width=96, depth=4, heads=3, num_mask_tokens=10)
     c.model.dtype = "float32"  # CPU: bfloat16 is slower than float32 here
 
     # VICReg-style variance / covariance terms on the context tokens: with the V-JEPA 2 loss alone the target
@@ -43,8 +43,8 @@ def get_config(arg: str = ""):
     if arg == "tiny":  # runlocal-style: a few seconds, for tests and debugging
         c.data.sources = {"world": cfg.world_source("tiny")}
         c.data.num_workers = 0
-        c.model.encoder = dict(size="tiny", width=64, depth=2, heads=2, mlp_dim=128, patch_size=8, tubelet_size=2)
-        c.model.predictor = dict(width=32, depth=1, heads=2, num_mask_tokens=10)
+        c.model.encoder.update(size="tiny", width=64, depth=2, heads=2, mlp_dim=128, patch_size=8, tubelet_size=2)
+        c.model.predictor.update(width=32, depth=1, heads=2, num_mask_tokens=10)
         c.optim.warmup_steps = 2
         c.optim.cooldown_steps = 2
         c.train.global_batch_size = 4

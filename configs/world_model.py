@@ -11,20 +11,13 @@ Data: the world dataset's "control" preset (reacher and point_mass episodes with
 consecutive frames with no crop or flip (either would break the action semantics).
 """
 
-import ml_collections
-
 from jepa import config as cfg
 
 
 def get_config(arg: str = ""):
+    # encoder_from, encoder_weights, world_model.*, model.ac_predictor and plan.* keep jepa/config.py's defaults.
     c = cfg.base_config()
     c.objective = "ac"
-    c.encoder_from = ""                 # the pretraining run's workdir (architecture + EMA encoder weights)
-    c.encoder_weights = "pretrained"    # or "random": same architecture, untrained (baseline)
-    c.world_model = ml_collections.ConfigDict(dict(
-        rollout_steps=2,                # autoregressive steps of the rollout loss (the reference's 2)
-        state_source="none",            # "none": vision only; "physics": feed the padded (qpos, qvel) state
-    ))
 
     c.data.sources = {"control": cfg.world_source("control")}
     c.data.num_frames = 4
@@ -35,8 +28,7 @@ def get_config(arg: str = ""):
     c.data.hflip = False
 
     # Same as configs/quickstart.py; replaced by encoder_from's architecture when that is set.
-    c.model.encoder = dict(size="tiny", width=0, depth=6, heads=0, mlp_dim=0, patch_size=8, tubelet_size=2)
-    c.model.ac_predictor = ml_collections.ConfigDict(dict(width=128, depth=4, heads=4, mlp_dim=0))
+    c.model.encoder.update(size="tiny", width=0, depth=6, heads=0, mlp_dim=0, patch_size=8, tubelet_size=2)
     c.model.dtype = "float32"
 
     c.optim.lr = 1e-3
@@ -51,23 +43,12 @@ def get_config(arg: str = ""):
     c.train.log_every = 10
     c.train.checkpoint_every = 100
 
-    # Model-predictive control defaults (jepa/planning.py; the reference's are horizon 2, 400 samples, top 10,
-    # 10 iterations on a GPU).
-    c.plan = ml_collections.ConfigDict(dict(
-        horizon=2, samples=64, elites=8, iterations=4, momentum=0.0, init_std=1.0, min_std=0.05,
-        execute_steps=1,                # actions executed per plan before re-planning
-        context_frames=1,               # latest frames the planner conditions on (2 hurt reacher: 3/4 -> 0/4)
-        episode_steps=20,               # control steps per planning episode
-        goal_steps=10,                  # the goal: where random smooth actions take the system in this many steps
-        surprise_quantile=0.99,         # monitor threshold: this quantile of surprise on unaltered clips
-    ))
-
     if arg == "tiny":  # runlocal-style: random tiny encoder, a few seconds
         c.encoder_weights = "random"
         c.data.sources = {"world": cfg.world_source("tiny")}
         c.data.num_workers = 0
-        c.model.encoder = dict(size="tiny", width=64, depth=2, heads=2, mlp_dim=128, patch_size=8, tubelet_size=2)
-        c.model.ac_predictor = dict(width=64, depth=1, heads=2, mlp_dim=0)
+        c.model.encoder.update(size="tiny", width=64, depth=2, heads=2, mlp_dim=128, patch_size=8, tubelet_size=2)
+        c.model.ac_predictor.update(width=64, depth=1, heads=2, mlp_dim=0)
         c.optim.warmup_steps = 2
         c.optim.cooldown_steps = 2
         c.train.global_batch_size = 4

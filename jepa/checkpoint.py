@@ -1,31 +1,187 @@
-"""Orbax checkpoints holding the train state and the Grain iterator together.
+"""Orbax checkpoints holding the train state and the Grain iterator together, sealed with checksums.
 
-A checkpoint is one Orbax step directory with two items: `state` (params, EMA params, optimiser state,
-step, RNG) and `data` (the Grain iterator state, so a resumed run sees exactly the batches it would have
-seen). Orbax writes into a temporary directory and renames it when complete, so a crash or a kill during
-a save never damages the last good checkpoint: `latest_step` only reports finished ones.
+A checkpoint is one Orbax step directory with two items: `state` (params, EMA params, optimiser state, step) and
+`data` (the Grain iterator state, so a resumed run sees exactly the batches it would have seen). Orbax writes into
+a temporary directory and renames it when complete, so a kill during a save never damages the last good checkpoint.
+
+Once a save has finished, process 0 seals it: `CHECKSUMS.json` in the step directory lists every file's size and
+SHA-256. Restoring verifies the seal first, so a truncated, deleted, rewritten or bit-flipped file is named instead
+of restoring silently or ending in a storage-library traceback. A damaged checkpoint is moved aside (never deleted)
+to `damaged_checkpoints/` and, unless fallback is refused, the newest intact earlier checkpoint is restored.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from jepa import workdir as workdir_lib
+
+SEAL_NAME = "CHECKSUMS.json"
+DAMAGED_DIR = "damaged_checkpoints"
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint failed verification or restore; the message names the step and what is wrong."""
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return workdir_lib.path(workdir) / "checkpoints"
+
+
+# ---------------------------------------------------------------- seals (checksums)
+
+
+def _files(step_dir: epath.Path) -> list[epath.Path]:
+    """Every file below step_dir except the seal (epath has no recursive glob on object stores)."""
+    found, todo = [], [step_dir]
+    while todo:
+        for p in todo.pop().iterdir():
+            if p.is_dir():
+                todo.append(p)
+            elif not p.name.startswith(SEAL_NAME):
+                found.append(p)
+    return sorted(found)
+
+
+def _size(p: epath.Path) -> int:
+    info = p.stat()  # os.stat_result locally, epath's StatResult on object stores
+    return info.st_size if hasattr(info, "st_size") else info.length
+
+
+def _sha256(p: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def seal(step_dir: epath.Path) -> None:
+    """Writes the checksum list of a finished step directory (atomically: a partial list is never read)."""
+    files = {os.fspath(p.relative_to(step_dir)): {"size": _size(p), "sha256": _sha256(p)}
+             for p in _files(step_dir)}
+    tmp = step_dir / (SEAL_NAME + ".tmp")
+    tmp.write_text(json.dumps({"files": files, "sealed": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+    tmp.replace(step_dir / SEAL_NAME)
+
+
+def verify(step_dir: epath.Path) -> tuple[bool | None, str]:
+    """(True, "") when every sealed file is present with its size and checksum; (False, what is wrong) when not;
+    (None, why) when the step has no seal (the run stopped between finishing the save and sealing it)."""
+    seal_file = step_dir / SEAL_NAME
+    if not seal_file.exists():
+        return None, "it has no checksum list (the run stopped before sealing it)"
+    try:
+        sealed = json.loads(seal_file.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return False, f"its checksum list {seal_file} is unreadable ({e})"
+    problems = []
+    for name, want in sorted(sealed.items()):
+        p = step_dir / name
+        if not p.exists():
+            problems.append(f"{name} is missing")
+        elif _size(p) != want["size"]:
+            problems.append(f"{name} has {_size(p)} bytes, {want['size']} were written")
+        elif _sha256(p) != want["sha256"]:
+            problems.append(f"{name} has other contents than were written (checksum mismatch)")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        return False, "; ".join(problems[:3]) + more
+    return True, ""
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def _steps_on_disk(directory: epath.Path) -> list[int]:
+    """Finished step directories, newest first (Orbax's temporary directories have non-numeric names)."""
+    if not directory.exists():
+        return []
+    return sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+
+
+def _move_aside(workdir_root: epath.Path, step_dir: epath.Path) -> epath.Path:
+    """Moves a damaged step out of the checkpoint directory (so rotation and resume never pick it again) and keeps
+    it for inspection."""
+    target_root = workdir_root / DAMAGED_DIR
+    target_root.mkdir(parents=True, exist_ok=True)
+    target = target_root / f"{step_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    step_dir.rename(target)
+    return target
+
+
+def _restore_newest_intact(directory: epath.Path, restore_fn, *, fallback: bool, what: str,
+                           only_step: int | None = None) -> tuple[Any, int] | None:
+    """Tries the steps newest first: verify the seal, then restore. A damaged step is named in one paragraph and
+    either raised (fallback=False, or a step asked for by number) or moved aside (process 0) before trying the next
+    older one. Returns (restored, step), or None when there is no checkpoint at all."""
+    steps = [only_step] if only_step is not None else _steps_on_disk(directory)
+    if only_step is not None and not (directory / str(only_step)).exists():
+        raise FileNotFoundError(f"no checkpoint of step {only_step} in {directory}")
+    damaged = []
+    for step in steps:
+        step_dir = directory / str(step)
+        intact, why = verify(step_dir)
+        if intact is None:
+            logging.info("checkpoint step %d in %s: %s; restoring it unverified", step, directory, why)
+        if intact is not False:
+            try:
+                return restore_fn(step), step
+            except Exception as e:  # any storage-level failure of a checkpoint is reported as damage
+                intact, why = False, f"restoring it failed ({_short(e)})"
+        older = [s for s in _steps_on_disk(directory) if s < step]
+        message = (f"{what}: checkpoint step {step} in {directory} is damaged: {why}. ")
+        if not fallback or only_step is not None:
+            raise CheckpointDamagedError(
+                message + (f"Intact-looking earlier steps: {older}. " if older else "There is no earlier step. ") +
+                "Nothing was deleted; move the damaged step directory away (or pass "
+                "--config.train.checkpoint_fallback=True) to resume from an earlier one.")
+        if jax.process_index() == 0:
+            moved = _move_aside(directory.parent, step_dir)
+            message += f"It was moved to {moved} (not deleted). "
+        damaged.append(step)
+        logging.warning(message + ("Falling back to the newest earlier checkpoint." if older else
+                                   "No earlier checkpoint is left: starting from scratch."))
+    if damaged:
+        raise CheckpointDamagedError(f"{what}: every checkpoint in {directory} is damaged (steps {damaged}, moved "
+                                     f"to {directory.parent / DAMAGED_DIR}); nothing to resume from.")
+    return None
+
+
+# ---------------------------------------------------------------- the trainer's checkpointer
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+    """Saves asynchronously every `save_every` steps, keeps the newest `keep`, seals finished saves in a background
+    thread, and restores the newest intact checkpoint."""
+
+    def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True,
+                 fallback: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
         self.directory = checkpoint_dir(workdir)
-        self.manager = ocp.CheckpointManager(
+        self.fallback = fallback
+        self.manager = self._manager(save_every, keep, async_save)
+        self._options = (save_every, keep, async_save)
+        self._sealer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jepa-seal")
+        self._sealing: list[concurrent.futures.Future] = []
+        self._closing = False
+
+    def _manager(self, save_every: int, keep: int, async_save: bool) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                  enable_async_checkpointing=async_save, create=True))
@@ -34,14 +190,49 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
-        """Starts a (possibly asynchronous) save when `step` is due, or always with force."""
+        """Starts a (possibly asynchronous) save when `step` is due, or always with force; process 0 seals it in
+        the background as soon as Orbax has finished it."""
         args = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
         if saved:
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
+            if jax.process_index() == 0:
+                self._sealing.append(self._sealer.submit(self._seal_when_finished, step))
         return saved
+
+    def _seal_when_finished(self, step: int, timeout_s: float = 3600.0) -> None:
+        """Waits until Orbax has finalized the step (locally: the temporary directory renamed to the step's name;
+        on object stores: its commit_success.txt written), then seals it. A kill before that leaves an unsealed,
+        still complete checkpoint that is restored unverified."""
+        step_dir = self.directory / str(step)
+        deadline = time.monotonic() + timeout_s
+        def finalized():
+            return step_dir.exists() and (workdir_lib.is_local(step_dir) or (step_dir / "commit_success.txt").exists())
+
+        while not finalized():
+            if time.monotonic() > deadline or self._closing:
+                return
+            time.sleep(0.05)
+        try:
+            seal(step_dir)
+        except FileNotFoundError:
+            pass  # rotated out (keep reached) while sealing: nothing left to seal
+        except Exception as e:  # the checkpoint itself is complete; it is restored unverified later
+            logging.warning("checkpoint step %d: could not write its checksum list (%s)", step, e)
+
+    def restore_latest(self, abstract_state: Any, data_iter: Any = None) -> tuple[Any, int] | None:
+        """(state, step) of the newest intact checkpoint, falling back past damaged ones (see module docstring);
+        None when the workdir has no checkpoint."""
+        def restore(step):
+            return self.restore(step, abstract_state, data_iter)
+
+        found = _restore_newest_intact(self.directory, restore, fallback=self.fallback, what="resume")
+        if found is not None and found[1] != self.manager.latest_step():
+            self.manager.close()  # damaged steps were moved: Orbax must re-read the directory
+            self.manager = self._manager(*self._options)
+        return found
 
     def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
         """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs), and the iterator in place.
@@ -68,42 +259,72 @@ class Checkpointer:
 
     def _foreign_iterator_state(self, step: int) -> tuple[str, Any] | None:
         """(file, state) of a saved iterator when this process's own file is missing; None when present."""
-        data_dir = os.path.join(self.directory, str(step), "data")
-        own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
-        if not os.path.isdir(data_dir) or os.path.exists(own):
+        data_dir = self.directory / str(step) / "data"
+        own = data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not data_dir.is_dir() or own.exists():
             return None
-        saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_") and f.endswith(".json"))
+        saved = sorted(p for p in data_dir.iterdir() if p.name.startswith("process_") and p.name.endswith(".json"))
         if not saved:
             return None
-        path = os.path.join(data_dir, saved[0])
-        with open(path) as f:
-            return path, json.load(f)
+        return os.fspath(saved[0]), json.loads(saved[0].read_text())
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
+        """Until every save started so far is finished and sealed."""
         self.manager.wait_until_finished()
+        for future in self._sealing:
+            future.result()
+        self._sealing = []
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self._closing = True  # a save that failed never finalizes: do not wait for it
+            self._sealer.shutdown(wait=True)
+            self.manager.close()
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The newest finished checkpoint step of a run (not verified; see load_state)."""
+    steps = _steps_on_disk(checkpoint_dir(workdir))
+    return steps[0] if steps else None
 
 
 def load_state(workdir: str, abstract_state: Any, step: int | None = None, *,
                partial: bool = False) -> tuple[Any, int]:
     """The train state of another run (for init_from and export), without its data iterator. partial: abstract_state
     holds only some of the saved entries (e.g. {"ema": ...}), and only those are read from disk (export, planning
-    and init_from never need the optimiser state, two more copies of the parameters under AdamW)."""
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir(workdir)}")
-    restore = (ocp.args.PyTreeRestore(abstract_state, partial_restore=True) if partial
-               else ocp.args.StandardRestore(abstract_state))
-    restored = manager.restore(step, args=ocp.args.Composite(state=restore))
-    manager.close()
-    return restored["state"], step
+    and init_from never need the optimiser state, two more copies of the parameters under AdamW).
+
+    The checkpoint is verified against its seal. With step=None the newest intact step is used (a damaged newer one
+    is named in a warning and left in place: another run owns this workdir); a damaged step asked for by number
+    raises CheckpointDamagedError."""
+    directory = checkpoint_dir(workdir)
+    restore = (ocp.args.PyTreeRestore(abstract_state, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+               if partial else ocp.args.StandardRestore(abstract_state))
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        steps = [step] if step is not None else _steps_on_disk(directory)
+        if not steps:
+            raise FileNotFoundError(f"no finished checkpoint in {directory}")
+        for candidate in steps:
+            step_dir = directory / str(candidate)
+            if not step_dir.exists():
+                raise FileNotFoundError(f"no checkpoint of step {candidate} in {directory}")
+            intact, why = verify(step_dir)
+            if intact is not False:
+                try:
+                    return manager.restore(candidate, args=ocp.args.Composite(state=restore))["state"], candidate
+                except Exception as e:  # storage-level failures are reported as damage below
+                    why = f"restoring it failed ({_short(e)})"
+            message = f"checkpoint step {candidate} in {directory} is damaged: {why}."
+            if step is not None:
+                raise CheckpointDamagedError(message)
+            logging.warning("%s Trying the next older step.", message)
+    raise CheckpointDamagedError(f"every checkpoint in {directory} is damaged (steps {steps})")
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

@@ -43,6 +43,30 @@ def mask_type(num_blocks: int, spatial_scale: float, mask_token: int) -> ConfigD
                            aspect_ratio=(0.75, 1.5), num_context=0, num_target=0, mask_token=mask_token))
 
 
+# Periodic evaluations during training (config.evals.NAME, run by jepa/evaluators.py): the fields of every kind,
+# then each kind's own.
+_EVAL_COMMON = dict(every=1000, train_split="train", eval_split="validation", max_clips=256, batch_size=32,
+                    layers=(-1,))
+_EVAL_FIELDS = {
+    "knn": dict(k=20, temperature=0.07, target="label"),
+    "probe": dict(task="classification", target="label", probe="linear", epochs=20, depth=1,
+                  lrs=(1e-3, 3e-3, 1e-2), wds=(0.001, 0.1)),
+}
+EVAL_KINDS = tuple(_EVAL_FIELDS)
+
+
+def evaluation(kind: str, **fields) -> ConfigDict:
+    """One entry of config.evals: every field of a `kind` evaluation ("knn" or "probe") with its default, the given
+    `fields` replacing some, e.g. `c.evals = {"knn": evaluation("knn", every=500)}`."""
+    if kind not in _EVAL_FIELDS:
+        raise ValueError(f"evaluation kind {kind!r} is not one of {', '.join(EVAL_KINDS)}")
+    entry = dict(_EVAL_COMMON, **_EVAL_FIELDS[kind], kind=kind)
+    unknown = sorted(set(fields) - set(entry))
+    if unknown:
+        raise ValueError(f"evaluation {kind!r}: unknown field(s) {unknown}; known: {sorted(entry)}")
+    return ConfigDict(dict(entry, **fields))
+
+
 def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
@@ -74,11 +98,14 @@ def base_config() -> ConfigDict:
     c.model = ConfigDict()
     c.model.encoder = ConfigDict(dict(size="large", width=0, depth=0, heads=0, mlp_dim=0, patch_size=16,
                                       tubelet_size=2))
-    c.model.predictor = ConfigDict(dict(width=384, depth=12, heads=12, num_mask_tokens=10))
+    c.model.predictor = ConfigDict(dict(width=384, depth=12, heads=12, mlp_dim=0, num_mask_tokens=10))  # 0: 4 x width
     c.model.rope_layout = "reference"  # or "interleaved"
     c.model.dtype = "bfloat16"         # compute dtype; parameters stay float32
     c.model.remat = "none"             # "none" | "full" | "dots"
     c.model.attention = "einsum"       # "einsum" | "xla" | "cudnn" (fused kernel on NVIDIA GPUs, bf16/fp16)
+    c.model.scan = True                # one lax.scan over the blocks (False: a Python loop, e.g. for profiles)
+    # The world model's action-conditioned, block-causal predictor (objective "ac"; mlp_dim 0 = 4 x width).
+    c.model.ac_predictor = ConfigDict(dict(width=128, depth=4, heads=4, mlp_dim=0))
 
     # ---- objective (jepa/objectives/vjepa.py) ----
     # context_weight > 0 adds the V-JEPA 2.1 context loss (predict the targets at visible tokens too, weighted by
@@ -87,6 +114,25 @@ def base_config() -> ConfigDict:
     # statistics: with optim.grad_accum_steps > 1 they are taken per micro-batch).
     c.loss = ConfigDict(dict(exponent=1.0, context_weight=0.0, context_warmup_steps=0, variance_weight=0.0,
                              covariance_weight=0.0))
+
+    # ---- world model (objective "ac": jepa/objectives/ac.py; the recipe is configs/world_model.py) ----
+    c.encoder_from = ""                # the pretraining run's workdir (architecture + EMA encoder weights)
+    c.encoder_weights = "pretrained"   # or "random": same architecture, untrained (the planning baseline)
+    c.world_model = ConfigDict(dict(
+        rollout_steps=2,               # autoregressive steps of the rollout loss (the reference's 2)
+        state_source="none",           # "none": vision only; "physics": feed the padded (qpos, qvel) state
+    ))
+
+    # ---- planning and surprise with a world model (jepa/planning.py, jepa/plan.py, jepa/surprise.py) ----
+    # The reference's CEM is horizon 2, 400 samples, top 10, 10 iterations on a GPU.
+    c.plan = ConfigDict(dict(
+        horizon=2, samples=64, elites=8, iterations=4, momentum=0.0, init_std=1.0, min_std=0.05,
+        execute_steps=1,               # actions executed per plan before re-planning
+        context_frames=1,              # latest frames the planner conditions on (2 hurt reacher: 3/4 -> 0/4)
+        episode_steps=20,              # control steps per planning episode
+        goal_steps=10,                 # the goal: where random smooth actions take the system in this many steps
+        surprise_quantile=0.99,        # monitor threshold: this quantile of surprise on unaltered clips
+    ))
 
     # ---- optimisation (jepa/optim.py): published V-JEPA 2 values ----
     c.optim = ConfigDict(dict(
@@ -101,10 +147,12 @@ def base_config() -> ConfigDict:
     c.train.stop_at = 0                # > 0: leave after this step (schedules still span total_steps)
     c.train.log_every = 10
     c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
+    c.train.keep_checkpoints = 3       # >= 1; the newest is never rotated out before a newer one is saved
+    c.train.checkpoint_fallback = True  # resume from the newest intact checkpoint when a newer one is damaged
     c.train.init_from = ""             # another run's workdir: start from its weights (cool-down, fine-tuning)
     c.train.collapse_warn_rank = 0.05  # warn when effective rank falls below this fraction of the width
     c.train.peak_flops = 0.0           # per device; 0 = nominal table on accelerators, measured on CPU
+    c.train.profile_steps = (0, 0)     # (first step, number of steps) traced into workdir/tensorboard; (0, 0) off
     c.train.compilation_cache = os.path.join(os.path.expanduser("~"), ".cache", "jepa", "jax")
 
     # ---- periodic evaluations during training (jepa/evaluators.py): name -> dict(kind=knn|probe, every, ...)
@@ -121,67 +169,92 @@ def base_config() -> ConfigDict:
     return c
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the field (`config.data.resolution: ...`)."""
+
+
 def validate(c: ConfigDict) -> None:
     """Fail before any work on values that cannot work together."""
     def need(ok: bool, field: str, why: str):
         if not ok:
-            raise ValueError(f"config.{field}: {why}")
+            raise ConfigError(f"config.{field}: {why}")
+
+    # The allowed values are the constants the code itself dispatches on (imported here: jax is loaded lazily).
+    from jepa.data.pipeline import SOURCE_KINDS
+    from jepa.models import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ROPE_LAYOUTS
+    from jepa.objectives import OBJECTIVES
+    from jepa.objectives.ac import ENCODER_WEIGHTS, STATE_SOURCES
+    from jepa.sharding import DISTRIBUTED_MODES
+
+    def one_of(values) -> str:
+        return ", ".join(values)
 
     d, e = c.data, c.model.encoder
-    objective = c.get("objective", "vjepa")
-    need(objective in ("vjepa", "ac"), "objective", f"{objective!r} is not one of vjepa, ac")
+    objective = c.objective
+    need(objective in OBJECTIVES, "objective", f"{objective!r} is not one of {one_of(OBJECTIVES)}")
     need(objective == "ac" or d.num_frames % e.tubelet_size == 0, "data.num_frames",
          f"{d.num_frames} is not divisible by model.encoder.tubelet_size={e.tubelet_size}")
     if objective == "ac":
-        need("world_model" in c and "ac_predictor" in c.model, "objective",
-             "'ac' needs the world_model and model.ac_predictor sections (start from configs/world_model.py)")
-        need(c.world_model.state_source in ("none", "physics"), "world_model.state_source",
-             f"{c.world_model.state_source!r} is not one of none, physics")
+        need(c.world_model.state_source in STATE_SOURCES, "world_model.state_source",
+             f"{c.world_model.state_source!r} is not one of {one_of(STATE_SOURCES)}")
         need(1 <= c.world_model.rollout_steps < d.num_frames, "world_model.rollout_steps",
              f"{c.world_model.rollout_steps} must lie in [1, data.num_frames - 1 = {d.num_frames - 1}]")
-        need(c.encoder_weights in ("pretrained", "random"), "encoder_weights",
-             f"{c.encoder_weights!r} is not one of pretrained, random")
+        need(c.encoder_weights in ENCODER_WEIGHTS, "encoder_weights",
+             f"{c.encoder_weights!r} is not one of {one_of(ENCODER_WEIGHTS)}")
         need(c.encoder_weights == "random" or bool(c.encoder_from), "encoder_from",
              "the world model needs a pretraining run's workdir (or --config.encoder_weights=random)")
-        need(not c.get("evals"), "evals", "periodic evaluations (kNN, probes) embed clips with the V-JEPA clip "
+        need(not c.evals, "evals", "periodic evaluations (kNN, probes) embed clips with the V-JEPA clip "
              "encoder; world-model runs do not run them (probe the pretraining run instead)")
     need(d.resolution % e.patch_size == 0, "data.resolution",
          f"{d.resolution} is not divisible by model.encoder.patch_size={e.patch_size}")
     need(len(d.sources) > 0, "data.sources", "no data source configured")
     for name, s in d.sources.items():
-        need(s.kind in ("world", "tfds", "manifest"), f"data.sources.{name}.kind",
-             f"{s.kind!r} is not one of world, tfds, manifest")
+        need(s.kind in SOURCE_KINDS, f"data.sources.{name}.kind", f"{s.kind!r} is not one of {one_of(SOURCE_KINDS)}")
         need(s.weight > 0, f"data.sources.{name}.weight", f"must be > 0, got {s.weight}")
         need(s.kind != "manifest" or bool(s.path), f"data.sources.{name}.path", "a manifest source needs a path")
     need(len(c.mask.types) > 0, "mask.types", "at least one mask type is needed")
     for name, t in c.mask.types.items():
         need(0 <= t.mask_token < c.model.predictor.num_mask_tokens, f"mask.types.{name}.mask_token",
              f"{t.mask_token} is not below model.predictor.num_mask_tokens={c.model.predictor.num_mask_tokens}")
-    need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
-    need(c.model.remat in ("none", "full", "dots"), "model.remat", f"unknown policy {c.model.remat!r}")
-    need(c.model.get("attention", "einsum") in ("einsum", "xla", "cudnn"), "model.attention",
-         f"unknown implementation {c.model.get('attention')!r} (einsum, xla or cudnn)")
-    need(c.model.get("attention", "einsum") != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
-         "model.attention", f"'cudnn' needs model.dtype bfloat16 or float16, got {c.model.dtype!r}")
-    need(c.model.rope_layout in ("reference", "interleaved"), "model.rope_layout",
-         f"unknown layout {c.model.rope_layout!r}")
+    need(c.model.dtype in DTYPES, "model.dtype",
+         f"{c.model.dtype!r} is not one of {one_of(DTYPES)} (float16 would need loss scaling, which is not built)")
+    need(c.model.remat in REMAT_POLICIES, "model.remat",
+         f"unknown policy {c.model.remat!r} (one of {one_of(REMAT_POLICIES)})")
+    need(c.model.attention in ATTENTION_IMPLS, "model.attention",
+         f"unknown implementation {c.model.attention!r} (one of {one_of(ATTENTION_IMPLS)})")
+    need(c.model.attention != "cudnn" or c.model.dtype == "bfloat16",
+         "model.attention", f"'cudnn' needs model.dtype bfloat16, got {c.model.dtype!r}")
+    need(c.model.rope_layout in ROPE_LAYOUTS, "model.rope_layout",
+         f"unknown layout {c.model.rope_layout!r} (one of {one_of(ROPE_LAYOUTS)})")
     need(c.loss.exponent > 0, "loss.exponent", "must be > 0")
     need(c.loss.context_weight >= 0, "loss.context_weight", "must be >= 0")
     need(c.loss.context_warmup_steps >= 0, "loss.context_warmup_steps", "must be >= 0")
     need(c.loss.variance_weight >= 0, "loss.variance_weight", "must be >= 0")
     need(c.loss.covariance_weight >= 0, "loss.covariance_weight", "must be >= 0")
     need(c.train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+    need(c.optim.grad_accum_steps >= 1, "optim.grad_accum_steps", f"must be >= 1, got {c.optim.grad_accum_steps}")
     need(c.train.global_batch_size % c.optim.grad_accum_steps == 0, "optim.grad_accum_steps",
          f"{c.optim.grad_accum_steps} does not divide train.global_batch_size={c.train.global_batch_size}")
     need(c.train.total_steps > 0, "train.total_steps", "must be > 0")
-    if "distributed" in c:
-        need(c.distributed.mode in ("auto", "on", "off"), "distributed.mode",
-             f"{c.distributed.mode!r} is not one of auto, on, off")
-        need(not c.distributed.coordinator_address or
-             (c.distributed.num_processes >= 1 and 0 <= c.distributed.process_id < c.distributed.num_processes),
-             "distributed.coordinator_address",
-             f"needs num_processes >= 1 and 0 <= process_id < num_processes, got num_processes="
-             f"{c.distributed.num_processes} process_id={c.distributed.process_id}")
+    need(c.train.stop_at >= 0, "train.stop_at", f"must be >= 0 (0 = run to train.total_steps), got {c.train.stop_at}")
+    need(c.train.log_every >= 1, "train.log_every", f"must be >= 1, got {c.train.log_every}")
+    need(c.train.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {c.train.checkpoint_every}")
+    need(c.train.keep_checkpoints >= 1, "train.keep_checkpoints",
+         f"must be >= 1 (with 0 every checkpoint would be deleted as soon as it is saved), got "
+         f"{c.train.keep_checkpoints}")
+    need(len(c.train.profile_steps) == 2 and min(c.train.profile_steps) >= 0, "train.profile_steps",
+         f"must be (first step, number of steps) with both >= 0, got {c.train.profile_steps}")
+    for field in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "grad_clip"):
+        need(c.optim[field] >= 0, f"optim.{field}", f"must be >= 0, got {c.optim[field]}")
+    need(c.optim.warmup_steps >= 0 and c.optim.cooldown_steps >= 0, "optim.warmup_steps",
+         f"warmup_steps and cooldown_steps must be >= 0, got {c.optim.warmup_steps}, {c.optim.cooldown_steps}")
+    need(c.distributed.mode in DISTRIBUTED_MODES, "distributed.mode",
+         f"{c.distributed.mode!r} is not one of {one_of(DISTRIBUTED_MODES)}")
+    need(not c.distributed.coordinator_address or
+         (c.distributed.num_processes >= 1 and 0 <= c.distributed.process_id < c.distributed.num_processes),
+         "distributed.coordinator_address",
+         f"needs num_processes >= 1 and 0 <= process_id < num_processes, got num_processes="
+         f"{c.distributed.num_processes} process_id={c.distributed.process_id}")
     need(0.0 <= c.optim.ema_momentum <= 1.0 and 0.0 <= c.optim.final_ema_momentum <= 1.0,
          "optim.ema_momentum", "must lie in [0, 1]")
 

@@ -9,8 +9,8 @@
 Each evaluator embeds a fixed set of clips (the first `max_clips` records of `train_split` and `eval_split`,
 decoded once and kept in memory as uint8) with the current EMA target encoder, then
   - knn: cosine-similarity k-nearest-neighbour classification (votes weighted by exp(sim / temperature)),
-  - probe: the jepa.probe grid (linear on pooled features by default) fitted on the train clips, the best grid
-    member's score on the eval clips,
+  - probe: the jepa.probe grid (linear on pooled features by default) fitted on the train clips but every
+    fourth, the grid member chosen on those held-out train clips, and its score on the eval clips,
 and the trainer writes the scalars `eval/NAME/...` to metrics.jsonl and TensorBoard at that step.
 """
 
@@ -26,28 +26,25 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jepa import config as config_lib
 from jepa import export as export_lib
+from jepa import models
 from jepa import probe as probe_lib
 from jepa.data import pipeline
 
 log = logging.getLogger(__name__)
 
-KINDS = ("knn", "probe")
-_COMMON = dict(kind="", every=1000, train_split="train", eval_split="validation", max_clips=256, batch_size=32,
-               layers=(-1,))
-_DEFAULTS = {
-    "knn": dict(k=20, temperature=0.07, target="label"),
-    "probe": dict(task="classification", target="label", probe="linear", epochs=20, depth=1,
-                  lrs=(1e-3, 3e-3, 1e-2), wds=(0.001, 0.1)),
-}
+KINDS = config_lib.EVAL_KINDS
 
 
 def _settings(name: str, entry) -> dict:
+    """An entry of config.evals on top of its kind's fields as jepa.config.evaluation declares them; the kind
+    defaults to the entry's name."""
     entry = dict(entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else entry)
     kind = entry.get("kind") or name
     if kind not in KINDS:
         raise ValueError(f"config.evals.{name}.kind: {kind!r} is not one of {', '.join(KINDS)}")
-    settings = dict(_COMMON, **_DEFAULTS[kind])
+    settings = config_lib.evaluation(kind).to_dict()
     unknown = sorted(set(entry) - set(settings))
     if unknown:
         raise ValueError(f"config.evals.{name}: unknown field(s) {unknown}; known: {sorted(settings)}")
@@ -62,48 +59,55 @@ def _settings(name: str, entry) -> dict:
     return settings
 
 
+def _gather(tree: dict) -> dict:
+    """Every process's rows of each array, concatenated in process order (arrays have the same shape on every
+    process: the evaluation plan gives each one the same number of equal batches)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(tree, tiled=True).items()}
+
+
 class _Clips:
-    """The first `max_clips` records of one split as in-memory uint8 batches plus targets and row metadata."""
+    """The first `max_clips` records of one split as in-memory uint8 batches (this process's share), plus the
+    targets and row metadata of every process's valid rows."""
 
     def __init__(self, config, split: str, max_clips: int, batch_size: int):
         pi, pc = jax.process_index(), jax.process_count()
         cfg = export_lib.with_split(config, split)
         plan = export_lib.make_plan(cfg, batch_size, pi, pc)
-        plan.sources = [export_lib._Head(s, max_clips) for s in plan.sources]
+        plan.sources = [export_lib.Head(s, max_clips) for s in plan.sources]
         total = sum(len(s) for s in plan.sources) * int(plan.config.data.num_segments)
         plan.num_batches = math.ceil(math.ceil(total / pc) / plan.local_batch)
         ds = pipeline.build_pipeline(plan.config, process_index=pi, process_count=pc, train=False, masks=False,
                                      sources=dict(zip(plan.names, plan.sources)))
-        info = export_lib.RowInfo(plan)
         it = iter(ds)
-        self.batches = []
+        self.videos, local = [], []
         try:
             for _ in range(plan.num_batches):
                 b = next(it)
-                keep = np.asarray(b["valid"], bool)
-                rows = [info(int(s), int(j), int(g), int(lab)) for s, j, g, lab in
-                        zip(b["source"][keep], b["index"][keep], b["segment"][keep], b["label"][keep])]
-                targets = {k: np.asarray(b[k])[keep] for k in export_lib.TARGET_FIELDS if k in b}
-                self.batches.append((np.asarray(b["video"]), keep, targets, rows))
+                self.videos.append(np.asarray(b["video"]))
+                local.append({k: np.asarray(b[k]) for k in ("source", "index", "segment", "label",
+                                                            *export_lib.TARGET_FIELDS) if k in b})
+                local[-1]["valid"] = np.asarray(b["valid"], np.int32)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
-        self.meta = export_lib._meta(plan.config, split, [], ("pooled",))
+        rows = _gather({k: np.concatenate([b[k] for b in local]) for k in local[0]})
+        self.keep = rows.pop("valid").astype(bool)
+        info = export_lib.RowInfo(plan)
+        self.rows = [info(int(s), int(j), int(g), int(lab)) for s, j, g, lab in
+                     zip(*(rows[k][self.keep] for k in ("source", "index", "segment", "label")))]
+        self.targets = {k: v[self.keep] for k, v in rows.items() if k in export_lib.TARGET_FIELDS}
+        self.meta = export_lib.features_meta(plan.config, split, [], ("pooled",))
 
     def embed(self, embed_fn, params, mesh) -> export_lib.Features:
         from jepa import sharding
-        records = []
-        for video, keep, targets, rows in self.batches:
-            out = embed_fn(params, sharding.global_batch({"video": video}, mesh)["video"])
-            pooled = export_lib.local_rows(out["pooled"])[keep]
-            records.append({"pooled": pooled, **targets, "rows": rows})
-        feats = export_lib._concat(records, self.meta)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            feats.pooled = np.asarray(multihost_utils.process_allgather(feats.pooled, tiled=True))
-            raise NotImplementedError("evaluators: multi-process gathering of targets is not implemented")
-        return feats
+        pooled = [export_lib.local_rows(embed_fn(params, sharding.global_batch({"video": v}, mesh)["video"])["pooled"])
+                  for v in self.videos]
+        pooled = _gather({"pooled": np.concatenate(pooled)})["pooled"][self.keep]
+        return export_lib.concat_features([{"pooled": pooled, **self.targets, "rows": self.rows}], self.meta)
 
 
 class Evaluator:
@@ -111,9 +115,10 @@ class Evaluator:
 
     def __init__(self, name: str, settings: dict, config, mesh, objective):
         self.name, self.s, self.config, self.mesh = name, settings, config, mesh
-        depth = export_lib.models.resolved_dims(config.model)["encoder"]["depth"]
-        self.embed_fn = export_lib.make_embed_fn(objective, export_lib.resolve_layers(settings["layers"], depth),
-                                                 ("pooled",), mesh)
+        depth = models.resolved_dims(config.model)["encoder"]["depth"]
+        self.embed_fn = export_lib.make_embed_fn(objective.encoder_def,
+                                                 export_lib.resolve_layers(settings["layers"], depth), ("pooled",),
+                                                 mesh)
         self._clips: dict[str, _Clips] = {}
 
     @property
@@ -131,10 +136,27 @@ class Evaluator:
         if self.s["kind"] == "knn":
             return knn_metrics(train, val, k=int(self.s["k"]), temperature=float(self.s["temperature"]),
                                target=str(self.s["target"]))
-        r = probe_lib.run_probe(train, val, val, task=self.s["task"], target=self.s["target"], probe=self.s["probe"],
-                                lrs=self.s["lrs"], wds=self.s["wds"], epochs=int(self.s["epochs"]),
-                                depth=int(self.s["depth"]))
-        return {k: v for k, v in r["val"].items() if np.isfinite(v)}
+        return probe_metrics(train, val, self.s, name=self.name)
+
+
+SELECT_EVERY = 4  # every 4th training clip selects the probe's grid member; the others fit it
+
+
+def probe_metrics(train, val, settings: dict, *, name: str = "probe") -> dict[str, float]:
+    """The probe grid fitted on most training clips, its member chosen on the held-out rest (every
+    SELECT_EVERY-th clip), and that member's metrics on `val`: the reported figure comes from clips used neither
+    for fitting nor for selection."""
+    clips = list(dict.fromkeys(train.clip_ids))
+    if len(clips) < 2:
+        raise ValueError(f"config.evals.{name}: the probe needs at least 2 training clips (one held out to choose "
+                         f"the grid member), got {len(clips)}; raise max_clips")
+    held_out = {c for i, c in enumerate(clips) if i % SELECT_EVERY == SELECT_EVERY - 1} or {clips[-1]}
+    select = np.asarray([c in held_out for c in train.clip_ids])
+    r = probe_lib.run_probe(probe_lib.select_rows(train, ~select), probe_lib.select_rows(train, select), val,
+                            task=settings["task"], target=settings["target"], probe=settings["probe"],
+                            lrs=settings["lrs"], wds=settings["wds"], epochs=int(settings["epochs"]),
+                            depth=int(settings["depth"]))
+    return {k: v for k, v in r["test"].items() if np.isfinite(v)}
 
 
 def knn_metrics(train, val, *, k: int = 20, temperature: float = 0.07, target: str = "label") -> dict[str, float]:
@@ -170,8 +192,8 @@ def _group_ids(feats) -> list[int]:
 
 
 def build(config, mesh, objective) -> list[Evaluator]:
-    """The evaluators listed in config.evals (none when the field is absent or empty)."""
-    evals = config.get("evals") if hasattr(config, "get") else None
+    """The evaluators listed in config.evals (none when it is empty)."""
+    evals = config.evals
     if not evals:
         return []
     return [Evaluator(name, _settings(name, entry), config, mesh, objective) for name, entry in sorted(evals.items())]

@@ -22,7 +22,6 @@ the end) whose residual streams pass through the encoder's final LayerNorm, conc
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import hashlib
 import json
@@ -37,120 +36,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
-from jepa import checkpoint as ckpt_lib
 from jepa import config as config_lib
+from jepa import masks, models, runs, sharding
 from jepa import metrics as metrics_lib
-from jepa import models, objectives, sharding
+from jepa import workdir as workdir_lib
 from jepa.data import pipeline
-from jepa.objectives.vjepa import VJEPA, normalize_video
+from jepa.objectives.vjepa import normalize_video
 
 log = logging.getLogger(__name__)
 
 FEATURES = ("pooled", "patches")
 TARGET_FIELDS = ("label", "domain", "states", "actions", "segment")
-# Config fields whose sub-dicts are keyed by user-chosen names: taken whole from the run, never merged.
-_NAMED_DICTS = ("data.sources", "mask.types", "evals")
 FORMAT_VERSION = 1
 _QUIET = logging.getLogger("jepa.export.monitor")  # CollapseMonitor's own warning: reported once, by export()
 _QUIET.disabled = True
 
 
-# ---------------------------------------------------------------- the run's config
-
-
-def _merge(base: ml_collections.ConfigDict, saved: dict, prefix: str = "") -> None:
-    """Saved JSON values onto the current defaults: fields added since the run keep their defaults, JSON lists
-    become tuples where the default is a tuple, and name-keyed dicts (sources, mask types) are replaced whole."""
-    for key, value in saved.items():
-        path = f"{prefix}{key}"
-        current = base.get(key) if key in base else None
-        if path in _NAMED_DICTS or not isinstance(current, ml_collections.ConfigDict):
-            if path == "data.sources" and isinstance(value, dict):  # world-source fields added since the run
-                value = {name: {**config_lib.world_source().to_dict(), **src} if src.get("kind") == "world" else src
-                         for name, src in value.items()}
-            if isinstance(value, dict):
-                value = ml_collections.ConfigDict(value)
-            elif isinstance(value, list) and isinstance(current, tuple):
-                value = tuple(value)
-            if key in base and current is not None and not isinstance(value, type(current)) and \
-                    isinstance(current, (int, float)) and isinstance(value, (int, float)):
-                value = type(current)(value)
-            with base.ignore_type():
-                base[key] = value
-        elif isinstance(value, dict):
-            _merge(current, value, path + ".")
-        else:
-            raise ValueError(f"config.json: field {path} is {value!r}, expected a dict")
-
-
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The run's config from WORKDIR/config.json, merged onto today's base_config (old runs keep working)."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir={workdir}: no config.json (is it a jepa.train workdir?)")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
-    config = config_lib.base_config()
-    _merge(config, saved)
-    return config
-
-
-def _parse_value(raw: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        if raw.lower() in ("true", "1", "yes"):
-            return True
-        if raw.lower() in ("false", "0", "no"):
-            return False
-        raise ValueError(f"expected a boolean, got {raw!r}")
-    if isinstance(current, str):
-        return raw
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-    if isinstance(current, float) and isinstance(value, int):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return value
-
-
-def split_command(argv: Sequence[str], subcommand: str = "benchmark") -> tuple[bool, list[str], list[str]]:
-    """Command lines of the form `[SUBCOMMAND] [--flags] [--config.FIELD=VALUE ...]` ->
-    (whether the subcommand was given, the config overrides, the other arguments)."""
-    argv = list(argv)
-    sub = bool(argv) and argv[0] == subcommand
-    argv = argv[1:] if sub else argv
-    return (sub, [a for a in argv if a.startswith("--config.")], [a for a in argv if not a.startswith("--config.")])
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """`--config.a.b=value` strings (or `a.b=value`) onto the config; unknown fields raise ValueError."""
-    for item in overrides:
-        text = item[2:] if item.startswith("--") else item
-        text = text[len("config."):] if text.startswith("config.") else text
-        if "=" not in text:
-            raise ValueError(f"config override {item!r}: expected --config.FIELD=VALUE")
-        field, raw = text.split("=", 1)
-        *parents, leaf = field.split(".")
-        node = config
-        for i, name in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                raise ValueError(f"config override {item!r}: config.{'.'.join(parents[:i + 1])} does not exist")
-            node = node[name]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise ValueError(f"config override {item!r}: config.{field} does not exist")
-        try:
-            value = _parse_value(raw, node[leaf])
-        except ValueError as e:
-            raise ValueError(f"config override {item!r}: {e}") from None
-        with node.ignore_type():
-            node[leaf] = value
-    config_lib.validate(config)
-    return config
+# ---------------------------------------------------------------- config
 
 
 def with_split(config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
@@ -163,80 +67,6 @@ def with_split(config: ml_collections.ConfigDict, split: str) -> ml_collections.
 
 
 # ---------------------------------------------------------------- the encoder
-
-
-def objective_for(config) -> VJEPA:
-    return VJEPA.from_config(config, pipeline.token_grid(config))
-
-
-def random_encoder_params(config) -> Any:
-    """Encoder parameters exactly as the trainer initialises them (same config, same seed): the baseline."""
-    objective = objectives.build(config)
-    return jax.jit(lambda rng: objective.init(rng, config)[1])(jax.random.PRNGKey(int(config.seed)))
-
-
-def abstract_from_metadata(workdir: str, step: int, mesh) -> Any:
-    """The saved state's tree (shapes, dtypes) read from the checkpoint itself, laid out replicated on `mesh`:
-    loading does not depend on rebuilding the trainer's optimiser state."""
-    import orbax.checkpoint as ocp
-    path = os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step), "state")
-    meta = ocp.StandardCheckpointer().metadata(path)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    replicated = sharding.replicated(mesh)
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated), tree)
-
-
-def load_state_parts(workdir: str, step: int, parts: Sequence[str], mesh=None) -> dict:
-    """Only the named entries of a run's saved train state, e.g. ("ema", "params/predictor"), as a nested dict:
-    the optimiser state (two more copies of the parameters under AdamW) is never read from disk."""
-    abstract = abstract_from_metadata(workdir, step, mesh if mesh is not None else export_mesh())
-    wanted: dict = {}
-    for part in parts:
-        *path, last = part.split("/")
-        src, dst = abstract, wanted
-        for key in path:
-            src, dst = src[key], dst.setdefault(key, {})
-        dst[last] = src[last]
-    state, _ = ckpt_lib.load_state(workdir, wanted, step, partial=True)
-    return state
-
-
-def checkpoint_step(workdir: str, step: int | None = None) -> int:
-    """`step` (checked to exist) or the run's latest finished checkpoint step."""
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(ckpt_lib.checkpoint_dir(workdir))
-    steps = manager.all_steps()
-    manager.close()
-    if not steps:
-        raise FileNotFoundError(f"--workdir={workdir}: no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
-    if step is None:
-        return max(steps)
-    if step not in steps:
-        raise ValueError(f"--step={step}: no such checkpoint in {workdir} (have {sorted(steps)})")
-    return step
-
-
-def load_encoder_params(workdir: str, config, *, step: int | None = None, encoder: str = "ema",
-                        mesh=None) -> tuple[Any, int]:
-    """(encoder params, step) from the run's Orbax checkpoint: the EMA target encoder or the online encoder."""
-    if encoder not in ("ema", "online"):
-        raise ValueError(f"--encoder: {encoder!r} is not one of 'ema', 'online'")
-    step = checkpoint_step(workdir, step)
-    state = load_state_parts(workdir, step, ["ema" if encoder == "ema" else "params/encoder"], mesh)
-    params = state["ema"] if encoder == "ema" else state["params"]["encoder"]
-    expected = jax.eval_shape(lambda: random_encoder_params(config))
-    got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
-    want = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), expected)
-    if got != want:
-        raise ValueError(f"checkpoint {workdir} step {step}: encoder parameters do not match the config "
-                         f"(config.model was changed by an override?)")
-    return params, int(step)
-
-
-def export_mesh():
-    """All devices on the batch axis (inference needs no parameter sharding at these sizes)."""
-    return sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
 
 
 def resolve_layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
@@ -253,43 +83,20 @@ def resolve_layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def encode_layers(objective: VJEPA, params: Any, video: jax.Array, layers: Sequence[int]) -> jax.Array:
+def encode_layers(encoder_def, params: Any, video: jax.Array, layers: Sequence[int]) -> jax.Array:
     """Features [B, L, len(layers) * width]: the output of each listed block after the encoder's final
-    LayerNorm, concatenated; the last block alone is exactly `objective.encode` (one forward either way)."""
-    from flax import nnx
-
-    from jepa.models import layers as layers_lib
-    from jepa.models import rope as rope_lib
-    from jepa.models import vit
-
-    enc = nnx.merge(objective.encoder_def, nnx.State(params))
-    if tuple(layers) == (enc.depth - 1,):
-        return objective.encode(params, video)
-    grid = enc.grid(video.shape)
-    x = vit.patchify(video, enc.patch_size, enc.tubelet_size)
-    x = layers_lib.dense(x, enc.patch_kernel[...].reshape(-1, enc.width), enc.patch_bias[...], enc.dtype)
-    tables = rope_lib.rope_tables(grid, enc.width // enc.heads, enc.rope_layout)
-    b = enc.blocks
-    outputs, start = [], 0
-    for layer in layers:
-        n = layer + 1 - start
-        seg_def = nnx.graphdef(nnx.eval_shape(lambda n=n: layers_lib.Blocks(
-            width=b.width, depth=n, heads=b.heads, mlp_dim=b.mlp_dim, dtype=b.dtype, remat=b.remat, scan=b.scan,
-            attention_impl=b.attention_impl, rngs=nnx.Rngs(0))))
-        seg_params = {name: getattr(b, name)[...][start:layer + 1] for name in layers_lib.Blocks.PARAM_NAMES}
-        x = nnx.merge(seg_def, nnx.State(seg_params))(x, tables, None)
-        outputs.append(layers_lib.layer_norm(x, enc.norm_scale[...], enc.norm_bias[...], jnp.float32))
-        start = layer + 1
-    return jnp.concatenate(outputs, axis=-1)
+    LayerNorm, concatenated (one forward pass; the last block alone is the encoder output)."""
+    _, out = nnx.merge(encoder_def, nnx.State(params))(video, return_layers=layers)
+    return jnp.concatenate([out["blocks"][i] for i in layers], axis=-1)
 
 
-def make_embed_fn(objective: VJEPA, layers: Sequence[int], features: Sequence[str], mesh):
+def make_embed_fn(encoder_def, layers: Sequence[int], features: Sequence[str], mesh):
     """jit(params, uint8 video [B, T, H, W, 3]) -> {"pooled": [B, D], "patches": [B, L, D]} sharded over the
-    batch axes of `mesh` (parameters replicated)."""
+    batch axes of `mesh` (parameters replicated); encoder_def: the encoder's nnx graph definition."""
     features = tuple(features)
 
     def embed(params, video):
-        tokens = encode_layers(objective, params, normalize_video(video), layers).astype(jnp.float32)
+        tokens = encode_layers(encoder_def, params, normalize_video(video), layers).astype(jnp.float32)
         out = {"pooled": tokens.mean(axis=1)}
         if "patches" in features:
             out["patches"] = tokens
@@ -437,7 +244,7 @@ class Features:
         return [r["clip_id"] for r in self.rows]
 
 
-def _concat(records: list[dict], meta: dict) -> Features:
+def concat_features(records: list[dict], meta: dict) -> Features:
     if not records or sum(len(r["rows"]) for r in records) == 0:
         raise ValueError(f"no valid clips were embedded ({meta.get('split', '?')} split)")
     cat = lambda k: np.concatenate([r[k] for r in records], axis=0)
@@ -450,20 +257,18 @@ def _concat(records: list[dict], meta: dict) -> Features:
 
 
 def embed_split(config, params, split: str, *, features: Sequence[str] = ("pooled",), layers=None,
-                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0,
-                overrides: Sequence[str] = ()) -> Features:
+                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0) -> Features:
     """Embed one split in memory (probes on the fly, evaluators, notebooks). max_clips > 0 keeps the first
     records of the split only (all their segments)."""
     features = _check_features(features)
-    config = apply_overrides(with_split(config, split), overrides)
-    mesh = mesh if mesh is not None else export_mesh()
-    objective = objective_for(config)
+    config = with_split(config, split)
+    mesh = mesh if mesh is not None else runs.inference_mesh()
     layer_ids = resolve_layers(layers, models.resolved_dims(config.model)["encoder"]["depth"])
-    embed_fn = make_embed_fn(objective, layer_ids, features, mesh)
+    embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh)
     pi, pc = jax.process_index(), jax.process_count()
     plan = make_plan(config, batch_size, pi, pc)
     if max_clips > 0:
-        plan.sources = [_Head(s, max_clips) for s in plan.sources]
+        plan.sources = [Head(s, max_clips) for s in plan.sources]
         total = sum(len(s) for s in plan.sources) * int(plan.config.data.num_segments)
         plan.num_elements = total
         plan.num_batches = math.ceil(math.ceil(total / pc) / plan.local_batch)
@@ -471,10 +276,10 @@ def embed_split(config, params, split: str, *, features: Sequence[str] = ("poole
                                    progress=progress, desc=f"embed {split}"))
     if pc > 1:
         raise NotImplementedError("in-memory embedding gathers one process's rows only; use the export CLI")
-    return _concat(records, _meta(plan.config, split, layer_ids, features))
+    return concat_features(records, features_meta(plan.config, split, layer_ids, features))
 
 
-class _Head:
+class Head:
     """The first n records of a source."""
 
     def __init__(self, source, n: int):
@@ -498,10 +303,11 @@ def _check_features(features) -> tuple[str, ...]:
     return features
 
 
-def _meta(config, split: str, layers, features) -> dict:
+def features_meta(config, split: str, layers, features) -> dict:
+    """The description of a set of features stored with them (Features.meta, the export manifest)."""
     dims = models.resolved_dims(config.model)["encoder"]
     return {"split": split, "layers": list(layers), "features": list(features), "width": dims["width"],
-            "depth": dims["depth"], "grid": list(pipeline.token_grid(config)),
+            "depth": dims["depth"], "grid": list(masks.clip_token_grid(config)),
             "num_frames": int(config.data.num_frames),
             "resolution": int(config.data.resolution), "eval_mode": str(config.data.eval_mode),
             "num_segments": int(config.data.num_segments)}
@@ -510,57 +316,55 @@ def _meta(config, split: str, layers, features) -> dict:
 # ---------------------------------------------------------------- files: shards, manifests, resume
 
 
-def _sha256(path: str) -> str:
+def _sha256(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+def _size(path) -> int:
+    info = path.stat()  # os.stat_result locally, epath's StatResult on object stores
+    return info.st_size if hasattr(info, "st_size") else info.length
+
+
+def _atomic_write(path, write) -> None:
+    tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
     write(tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
+def _save_npy(path, array: np.ndarray) -> None:
     def write(tmp):
-        with open(tmp, "wb") as f:
+        with tmp.open("wb") as f:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
     _atomic_write(path, write)
 
 
-def _save_json(path: str, obj: Any, lines: bool = False) -> None:
+def _save_json(path, obj: Any, lines: bool = False) -> None:
     def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            if lines:
-                for row in obj:
-                    f.write(json.dumps(row) + "\n")
-            else:
-                json.dump(obj, f, indent=2)
+        text = "".join(json.dumps(row) + "\n" for row in obj) if lines else json.dumps(obj, indent=2)
+        tmp.write_text(text)
     _atomic_write(path, write)
 
 
-def manifest_path(output: str, process_index: int) -> str:
-    return os.path.join(output, f"manifest-p{process_index:03d}.json")
+def manifest_path(output: str, process_index: int):
+    return workdir_lib.path(output) / f"manifest-p{process_index:03d}.json"
 
 
 def _read_manifest(output: str, process_index: int) -> dict | None:
     path = manifest_path(output, process_index)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _verified_shards(output: str, manifest: dict) -> int:
     """Number of leading shards whose files all exist with the recorded size and sha256."""
-    done = 0
+    done, root = 0, workdir_lib.path(output)
     for shard in manifest.get("shards", []):
         for name, (size, digest) in shard["files"].items():
-            path = os.path.join(output, name)
-            if not os.path.exists(path) or os.path.getsize(path) != size or _sha256(path) != digest:
+            path = root / name
+            if not path.exists() or _size(path) != size or _sha256(path) != digest:
                 log.warning("export: shard file %s is missing or damaged; recomputing from shard %d", name, done)
                 return done
         done += 1
@@ -568,48 +372,46 @@ def _verified_shards(output: str, manifest: dict) -> int:
 
 
 def _write_shard(output: str, process_index: int, shard: int, records: list[dict]) -> dict:
-    prefix = f"p{process_index:03d}-s{shard:05d}"
+    root, prefix = workdir_lib.path(output), f"p{process_index:03d}-s{shard:05d}"
     files = {}
     arrays = {k: np.concatenate([r[k] for r in records], axis=0) for k in records[0] if k not in ("rows", "batch")}
     for key, array in arrays.items():
         name = f"{prefix}.{key}.npy"
-        _save_npy(os.path.join(output, name), array)
+        _save_npy(root / name, array)
         files[name] = array
     rows_name = f"{prefix}.rows.jsonl"
-    _save_json(os.path.join(output, rows_name), [row for r in records for row in r["rows"]], lines=True)
+    _save_json(root / rows_name, [row for r in records for row in r["rows"]], lines=True)
     return {"shard": shard, "rows": int(arrays["pooled"].shape[0]), "arrays": sorted(arrays),
-            "files": {n: [os.path.getsize(os.path.join(output, n)), _sha256(os.path.join(output, n))]
-                      for n in [*files, rows_name]}}
+            "files": {n: [_size(root / n), _sha256(root / n)] for n in [*files, rows_name]}}
 
 
 def export(workdir: str, output: str, *, split: str, step: int | None = None, encoder: str = "ema",
            features: Sequence[str] = ("pooled",), layers: Sequence[int] | None = None, batch_size: int = 32,
-           shard_size: int = 512, overrides: Sequence[str] = (), random_init: bool = False, progress: bool = True,
-           stop_after_shards: int = 0) -> dict:
+           shard_size: int = 512, config: ml_collections.ConfigDict | None = None, random_init: bool = False,
+           progress: bool = True, stop_after_shards: int = 0) -> dict:
     """Writes (or finishes) the export of one split to `output`; returns the summary (process 0) or {}.
 
+    config: the run's config with changes (e.g. `data.eval_mode`, `data.num_segments`; default: the run's own).
     stop_after_shards > 0 returns after writing that many new shards (an interruption, for tests)."""
     features = _check_features(features)
     if shard_size < 1:
         raise ValueError(f"--shard_size: must be >= 1, got {shard_size}")
-    config = apply_overrides(with_split(load_run_config(workdir), split), overrides)
-    mesh = export_mesh()
-    if random_init:
-        params, step = random_encoder_params(config), 0
-    else:
-        params, step = load_encoder_params(workdir, config, step=step, encoder=encoder, mesh=mesh)
-    objective = objective_for(config)
+    config = with_split(config if config is not None else runs.load_config(workdir), split)
+    config_lib.validate(config)
+    mesh = runs.inference_mesh()
+    params, step = runs.load_encoder(workdir, config, weights="random" if random_init else encoder, step=step,
+                                     mesh=mesh)
     layer_ids = resolve_layers(layers, models.resolved_dims(config.model)["encoder"]["depth"])
     pi, pc = jax.process_index(), jax.process_count()
     plan = make_plan(config, batch_size, pi, pc)
     batches_per_shard = max(1, shard_size // plan.local_batch)
-    meta = _meta(plan.config, split, layer_ids, features)
-    fingerprint = {"format": FORMAT_VERSION, "workdir": os.path.abspath(workdir), "step": step,
+    meta = features_meta(plan.config, split, layer_ids, features)
+    fingerprint = {"format": FORMAT_VERSION, "workdir": os.fspath(workdir_lib.path(workdir)), "step": step,
                    "encoder": "random" if random_init else encoder, "batch_size": plan.batch_size,
                    "batches_per_shard": batches_per_shard, "process_count": pc, "data": plan.config.data.to_dict(),
                    "model": plan.config.model.to_dict(), **meta}
     fingerprint = json.loads(json.dumps(fingerprint))
-    os.makedirs(output, exist_ok=True)
+    workdir_lib.path(output).mkdir(parents=True, exist_ok=True)
 
     manifest = _read_manifest(output, pi)
     if manifest is not None and manifest["fingerprint"] != fingerprint:
@@ -626,7 +428,7 @@ def export(workdir: str, output: str, *, split: str, step: int | None = None, en
         manifest["complete"] = False
         if done:
             log.info("export: resuming %s at shard %d/%d", output, done, num_shards)
-        embed_fn = make_embed_fn(objective, layer_ids, features, mesh)
+        embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh)
         pending, written = [], 0
         for rec in iter_embeddings(plan, embed_fn, params, mesh, process_index=pi, process_count=pc,
                                    start_batch=done * batches_per_shard, progress=progress, desc=f"export {split}"):
@@ -647,11 +449,11 @@ def export(workdir: str, output: str, *, split: str, step: int | None = None, en
     if pi != 0:
         return {}
     feats = load_features(output)
-    _save_json(os.path.join(output, "index.jsonl"), [dict(row, row=i) for i, row in enumerate(feats.rows)],
+    _save_json(workdir_lib.path(output) / "index.jsonl", [dict(row, row=i) for i, row in enumerate(feats.rows)],
                lines=True)
     summary = summarize(feats, collapse_rank=float(config.train.collapse_warn_rank))
-    summary.update(step=step, encoder=fingerprint["encoder"], workdir=os.path.abspath(workdir), split=split)
-    _save_json(os.path.join(output, "summary.json"), summary)
+    summary.update(step=step, encoder=fingerprint["encoder"], workdir=fingerprint["workdir"], split=split)
+    _save_json(workdir_lib.path(output) / "summary.json", summary)
     if summary["collapse_warning"]:
         log.warning("export: %s", summary["collapse_warning"])
     return summary
@@ -678,14 +480,14 @@ def summarize(feats: Features, *, collapse_rank: float = 0.05, min_std: float = 
 
 def load_features(output: str, *, mmap: bool = True) -> Features:
     """Reads an export directory (all processes' finished shards; patches memory-mapped)."""
-    manifests = sorted(f for f in os.listdir(output) if f.startswith("manifest-p") and f.endswith(".json")) \
-        if os.path.isdir(output) else []
+    root = workdir_lib.path(output)
+    manifests = sorted(p.name for p in root.iterdir() if p.name.startswith("manifest-p") and
+                       p.name.endswith(".json")) if root.is_dir() else []
     if not manifests:
         raise FileNotFoundError(f"{output}: not an export directory (no manifest-p*.json)")
     records, meta = [], None
     for name in manifests:
-        with open(os.path.join(output, name), encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = json.loads((root / name).read_text())
         if not manifest.get("complete"):
             raise ValueError(f"{output}/{name}: the export is not finished; rerun the export command to resume")
         fp = manifest["fingerprint"]
@@ -695,45 +497,59 @@ def load_features(output: str, *, mmap: bool = True) -> Features:
             prefix = name[len("manifest-"):-len(".json")] + f"-s{shard['shard']:05d}"
             rec = {}
             for key in shard["arrays"]:
-                path = os.path.join(output, f"{prefix}.{key}.npy")
-                rec[key] = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and key == "patches" else None)
-            with open(os.path.join(output, f"{prefix}.rows.jsonl"), encoding="utf-8") as f:
-                rec["rows"] = [json.loads(line) for line in f]
+                path = root / f"{prefix}.{key}.npy"
+                if mmap and key == "patches" and workdir_lib.is_local(path):  # memory-mapped: local files only
+                    rec[key] = np.load(os.fspath(path), allow_pickle=False, mmap_mode="r")
+                else:
+                    with path.open("rb") as f:
+                        rec[key] = np.load(f, allow_pickle=False)
+            rec["rows"] = [json.loads(line) for line in (root / f"{prefix}.rows.jsonl").read_text().splitlines()]
             records.append(rec)
-    return _concat(records, meta)
+    return concat_features(records, meta)
 
 
 # ---------------------------------------------------------------- command line
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    import argparse
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a for a in argv if a.startswith("--config.")]
-    rest = [a for a in argv if not a.startswith("--config.")]
-    p = argparse.ArgumentParser(prog="python -m jepa.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="a jepa.train workdir (config.json + checkpoints)")
-    p.add_argument("--split", required=True, help="dataset split to embed, e.g. train, validation, test")
-    p.add_argument("--output", required=True, help="export directory (resumed when it holds a partial export)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--encoder", default="ema", choices=("ema", "online", "random"),
-                   help="EMA target encoder, online encoder, or random init (config seed) as a baseline")
-    p.add_argument("--features", default="pooled", help="comma list: pooled[,patches]")
-    p.add_argument("--layers", default="-1", help="comma list of block indices (negative from the end)")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--shard_size", type=int, default=512, help="rows per shard file (per process)")
-    p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = export(args.workdir, args.output, split=args.split, step=args.step,
-                     encoder="ema" if args.encoder == "random" else args.encoder,
-                     random_init=args.encoder == "random", features=args.features.split(","),
-                     layers=[int(x) for x in args.layers.split(",") if x.strip()], batch_size=args.batch_size,
-                     shard_size=args.shard_size, overrides=overrides, progress=not args.no_progress)
+    """`python -m jepa.export --workdir=RUN --split=S --output=DIR [--flags] [--config.FIELD=VALUE ...]` (argv:
+    the arguments after the program name); returns the summary it prints."""
+    from absl import flags
+
+    from jepa import cli
+    with cli.flag_scope():
+        workdir, config = cli.define_run_config(argv)
+        split = flags.DEFINE_string("split", None, "dataset split to embed, e.g. train, validation, test")
+        output = flags.DEFINE_string("output", None, "export directory (resumed when it holds a partial export)")
+        step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+        encoder = flags.DEFINE_enum("encoder", "ema", runs.WEIGHTS, "EMA target encoder, online encoder, or "
+                                    "random init (the config's seed) as a baseline")
+        feature_list = flags.DEFINE_list("features", ["pooled"], "pooled[,patches]")
+        layers = flags.DEFINE_list("layers", ["-1"], "block indices (negative from the end)")
+        batch_size = flags.DEFINE_integer("batch_size", 32, "clips per batch (all processes)", lower_bound=1)
+        shard_size = flags.DEFINE_integer("shard_size", 512, "rows per shard file (per process)", lower_bound=1)
+        no_progress = flags.DEFINE_boolean("no_progress", False, "no progress bar")
+        cli.parse(argv, required=("workdir", "split", "output"))
+        try:
+            layer_ids = [int(x) for x in layers.value if x.strip()]
+        except ValueError:
+            raise cli.UsageError(f"--layers: {','.join(layers.value)!r} is not a comma list of integers") from None
+        config_lib.validate(config.value)
+        summary = export(workdir.value, output.value, split=split.value, step=step.value,
+                         encoder="ema" if encoder.value == "random" else encoder.value,
+                         random_init=encoder.value == "random", features=feature_list.value, layers=layer_ids,
+                         batch_size=batch_size.value, shard_size=shard_size.value, config=config.value,
+                         progress=not no_progress.value)
     if summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "raw_std"}))
     return summary
 
 
+def run() -> None:
+    """Entry of `python -m jepa.export` and the `jepa-export` console script."""
+    from jepa import cli
+    cli.run(main, __doc__)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -91,17 +91,31 @@ def _is_real(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_SPEC_FIELDS = ("num_blocks", "spatial_scale", "temporal_scale", "aspect_ratio", "num_context", "num_target")
+
+
 def specs_from_config(types: Mapping[str, Any]) -> list[MaskSpec]:
-    """``config.mask.types`` (name -> fields) as MaskSpecs, in the config's iteration order (a ConfigDict
-    iterates sorted by name), the same order as ``config.mask.types.keys()`` used for the predictor's mask index."""
+    """``config.mask.types`` (name -> fields, as `jepa.config.mask_type` declares them) as MaskSpecs, in the
+    config's iteration order (a ConfigDict iterates sorted by name), the same order as ``config.mask.types.keys()``
+    used for the predictor's mask index."""
     specs = []
     for name, t in types.items():
-        get = t.get if hasattr(t, "get") else (lambda k, d=None, t=t: getattr(t, k, d))
-        specs.append(MaskSpec(name=name, num_blocks=get("num_blocks"), spatial_scale=get("spatial_scale"),
-                              temporal_scale=get("temporal_scale", 1.0),
-                              aspect_ratio=tuple(get("aspect_ratio", (0.75, 1.5))),
-                              num_context=get("num_context", 0), num_target=get("num_target", 0)))
+        missing = [f for f in _SPEC_FIELDS if f not in t]
+        if missing:
+            raise ValueError(f"config.mask.types.{name}: missing field(s) {missing} (build mask types with "
+                             "jepa.config.mask_type)")
+        specs.append(MaskSpec(name=name, **{f: t[f] for f in _SPEC_FIELDS}))
     return specs
+
+
+def clip_token_grid(config) -> tuple[int, int, int]:
+    """(T', H', W') token grid of the configured clips (``config.data``) for the configured encoder
+    (``config.model.encoder``); ValueError when the sizes do not divide."""
+    from jepa.models.vit import token_grid  # imported here: spawned data workers draw masks without jax/flax
+
+    e = config.model.encoder
+    return tuple(int(x) for x in token_grid(int(config.data.num_frames), int(config.data.resolution),
+                                            int(e.patch_size), int(e.tubelet_size)))
 
 
 class MultiBlockMasker:
@@ -145,8 +159,7 @@ class MultiBlockMasker:
     @classmethod
     def from_config(cls, mask_config, grid: tuple[int, int, int]) -> MultiBlockMasker:
         """From ``config.mask`` (``types`` and ``length_quantile``)."""
-        return cls(grid, specs_from_config(mask_config.types),
-                   length_quantile=getattr(mask_config, "length_quantile", 0.1))
+        return cls(grid, specs_from_config(mask_config.types), length_quantile=float(mask_config.length_quantile))
 
     # ---------------------------------------------------------------- drawing
     def block_size(self, name: str, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -248,6 +261,16 @@ class MultiBlockMasker:
                 if nc + nt > n:
                     nc, nt = max(n - nt, 1), n - max(n - nt, 1)
         return nc, nt
+
+
+def make_masker(config) -> MultiBlockMasker:
+    """The masker of a run: ``config.mask`` on the token grid of its clips (`clip_token_grid`)."""
+    return MultiBlockMasker.from_config(config.mask, clip_token_grid(config))
+
+
+def mask_lengths(config) -> dict[str, tuple[int, int]]:
+    """name -> (num_context, num_target): the static token counts every batch of a run carries."""
+    return dict(make_masker(config).lengths)
 
 
 def describe(masker: MultiBlockMasker, batch_size: int = 32, num_batches: int = 64, seed: int = 0) -> dict:

@@ -313,22 +313,60 @@ def _to_float(name: str, value) -> float:
 
 
 class MetricsWriter:
-    """Appends {"step", "time", **scalars} lines to workdir/metrics.jsonl and writes TensorBoard scalars under
+    """Writes {"step", "time", **scalars} lines to workdir/metrics.jsonl and TensorBoard scalars under
     workdir/tensorboard. Non-finite values are written as null in the JSON (strict JSON) and as-is to TensorBoard.
-    With enabled=False (every process but 0) nothing is created or written."""
+    With enabled=False (every process but 0) nothing is created or written.
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    A run that starts at `start_step` (resumed from that checkpoint, or 0) first drops the records of later steps,
+    written by an earlier attempt that did not reach its next checkpoint, so the file holds one record per step;
+    TensorBoard is told to purge them too. Object stores cannot append: there the file is rewritten at most every
+    `remote_flush_secs` and on close."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, start_step: int | None = None,
+                 remote_flush_secs: float = 60.0):
+        from jepa import workdir as workdir_lib
         self.enabled = enabled
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        root = workdir_lib.path(workdir)
+        self.jsonl_path = root / "metrics.jsonl"
+        self.tensorboard_dir = os.fspath(root / "tensorboard")
         self._file = self._tb = None
+        self._remote = not workdir_lib.is_local(root)
+        self._lines: list[str] = []
+        self._remote_flush_secs, self._last_flush = remote_flush_secs, time.monotonic()
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._file = open(self.jsonl_path, "a", encoding="utf-8")
+        root.mkdir(parents=True, exist_ok=True)
+        kept = self._records_up_to(start_step)  # start_step None: keep (and append to) every record
+        if self._remote:
+            self._lines = kept
+            self._rewrite()
+        else:
+            if self.jsonl_path.exists() and start_step is not None:
+                tmp = root / "metrics.jsonl.tmp"
+                tmp.write_text("".join(kept))
+                tmp.replace(self.jsonl_path)
+            self._file = open(self.jsonl_path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=30)
+            self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=30,
+                                     purge_step=None if start_step is None else start_step + 1)
+
+    def _records_up_to(self, step: int | None) -> list[str]:
+        if not self.jsonl_path.exists():
+            return []
+        step = math.inf if step is None else step
+        kept = []
+        for line in self.jsonl_path.read_text().splitlines(keepends=True):
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut by a crash while it was written
+        return kept
+
+    def _rewrite(self) -> None:
+        self.jsonl_path.write_text("".join(self._lines))
+        self._last_flush = time.monotonic()
 
     def write(self, step: int, scalars: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -336,8 +374,14 @@ class MetricsWriter:
         values = {k: _to_float(k, v) for k, v in scalars.items()}
         record = {"step": int(step), "time": time.time()}
         record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if self._remote:
+            self._lines.append(line)
+            if time.monotonic() - self._last_flush > self._remote_flush_secs:
+                self._rewrite()
+        else:
+            self._file.write(line)
+            self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, int(step))
@@ -349,13 +393,18 @@ class MetricsWriter:
 
     def flush(self) -> None:
         if self.enabled:
-            self._file.flush()
+            if self._remote:
+                self._rewrite()
+            else:
+                self._file.flush()
             if self._tb is not None:
                 self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled and self._file is not None:
-            self._file.close()
+        if self.enabled:
+            self.flush()
+            if self._file is not None:
+                self._file.close()
             if self._tb is not None:
                 self._tb.close()
             self._file = self._tb = None

@@ -85,37 +85,31 @@ def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return schedule
 
 
-def weight_decay_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Constant weight_decay when final_weight_decay equals it, else a cosine ramp weight_decay -> final_weight_decay
-    over total_steps (the V-JEPA 1 CosineWDSchedule)."""
+def _ramp_schedule(start: float, final: float, total_steps: int, ramp) -> optax.Schedule:
+    """Constant `start` when `final` equals it, else ramp(step as float32)."""
     if int(total_steps) <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    wd, final = float(optim_cfg.weight_decay), float(optim_cfg.final_weight_decay)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        if wd == final:
-            return jnp.full_like(step, wd)
-        frac = jnp.clip(step / total_steps, 0.0, 1.0)
-        return final + 0.5 * (wd - final) * (1.0 + jnp.cos(math.pi * frac))
+        return jnp.full_like(step, start) if start == final else ramp(step)
 
     return schedule
+
+
+def weight_decay_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+    """Constant weight_decay when final_weight_decay equals it, else a cosine ramp weight_decay -> final_weight_decay
+    over total_steps (the V-JEPA 1 CosineWDSchedule)."""
+    wd, final = float(optim_cfg.weight_decay), float(optim_cfg.final_weight_decay)
+    return _ramp_schedule(wd, final, total_steps, lambda step: final + 0.5 * (wd - final) * (
+        1.0 + jnp.cos(math.pi * jnp.clip(step / total_steps, 0.0, 1.0))))
 
 
 def ema_momentum_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     """EMA momentum: constant ema_momentum (V-JEPA 2), or a linear ramp to final_ema_momentum over total_steps
     (V-JEPA 1 ramped 0.998 -> 1.0)."""
-    if int(total_steps) <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
     m0, m1 = float(optim_cfg.ema_momentum), float(optim_cfg.final_ema_momentum)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        if m0 == m1:
-            return jnp.full_like(step, m0)
-        return _linear(step, m0, m1, 0, int(total_steps))
-
-    return schedule
+    return _ramp_schedule(m0, m1, total_steps, lambda step: _linear(step, m0, m1, 0, int(total_steps)))
 
 
 def _path_names(path) -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jepa import workdir as workdir_lib
 from jepa.planning import CEMSettings, WorldModel
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def make_goal(env, seed: int, goal_steps: int) -> Goal:
 def episode_seeds(domain: str, count: int, goal_steps: int, resolution: int, first: int = 1000) -> list[int]:
     """The first `count` seeds from `first` whose goal lies at least twice the success radius away: the fixed
     episode set of the benchmark (deterministic)."""
-    from jepa.data.world import make_env
+    from jepa.envs import make_env
     env = make_env(domain, first, resolution)
     seeds, seed = [], first
     try:
@@ -86,9 +86,11 @@ def episode_seeds(domain: str, count: int, goal_steps: int, resolution: int, fir
 
 @dataclasses.dataclass
 class Monitor:
-    """Flags executed steps whose surprise (mean |predicted - observed| next representation) exceeds threshold."""
+    """Flags executed steps whose surprise (mean |predicted - observed| next representation) exceeds threshold.
+    `model` names the world model in the messages."""
     threshold: float
     replan: bool = True
+    model: str = "world model"
 
 
 def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", settings: CEMSettings | None = None,
@@ -142,7 +144,9 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
         out["surprise"].append(surprise)
         if monitor is not None and surprise > monitor.threshold:
             out["flagged"].append(t)
-            log.warning("step %d: surprise %.4f above the calibrated threshold %.4f", t, surprise, monitor.threshold)
+            log.info("%s, %s episode seed %d, step %d: surprise %.4f above the calibrated threshold %.4f%s",
+                     monitor.model, env.domain, seed, t, surprise, monitor.threshold,
+                     "; re-planning" if monitor.replan and policy == "cem" else "")
             if monitor.replan:
                 queue = []
         out["actions"].append(np.asarray(action, np.float64).tolist())
@@ -158,27 +162,44 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
 
 
 def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, config,
-             monitor: Monitor | None = None) -> dict:
-    """Episodes over `seeds`: success rate, final distances, planning time per action."""
-    from jepa.data.world import make_env
+             monitor: Monitor | None = None, *, name: str = "", progress: bool = False) -> dict:
+    """Episodes over `seeds`: success rate, final distances, planning time per action (None without planning).
+    `progress`: a bar over the episodes and a line per episode, labelled with the domain and `name` (the
+    method)."""
+    from tqdm.auto import tqdm
+
+    from jepa.envs import make_env
     p = config.plan
     settings = CEMSettings.from_config(p)
+    label = f"{domain}, {name or policy}"
     env = make_env(domain, seeds[0], int(config.data.resolution))
+    episodes = []
     try:
-        episodes = [run_episode(model, env, s, policy=policy, settings=settings,
-                                episode_steps=int(p.episode_steps), goal_steps=int(p.goal_steps),
-                                execute_steps=int(p.execute_steps), context_frames=int(p.get("context_frames", 1)),
-                                monitor=monitor) for s in seeds]
+        bar = tqdm(seeds, desc=label, unit="episode", file=sys.stderr, disable=not progress)
+        for i, s in enumerate(bar):
+            e = run_episode(model, env, s, policy=policy, settings=settings, episode_steps=int(p.episode_steps),
+                            goal_steps=int(p.goal_steps), execute_steps=int(p.execute_steps),
+                            context_frames=int(p.context_frames), monitor=monitor)
+            episodes.append(e)
+            if progress:
+                bar.write(f"{label}, episode {i + 1}/{len(seeds)} (seed {s}): {episode_line(e)}", file=sys.stderr)
     finally:
         env.close()
     times = [t for e in episodes for t in e["plan_time"][1:]]  # the first plan of a run includes compilation
     return {"success_rate": float(np.mean([e["success"] for e in episodes])),
             "final_distance": float(np.mean([e["final_distance"] for e in episodes])),
             "initial_distance": float(np.mean([e["initial_distance"] for e in episodes])),
-            "plan_seconds_per_action": float(np.mean(times)) if times else float("nan"),
+            "plan_seconds_per_action": float(np.mean(times)) if times else None,
             "flagged_steps": int(sum(len(e["flagged"]) for e in episodes)),
             "episodes": [{k: e[k] for k in ("seed", "success", "initial_distance", "final_distance", "flagged")}
                          for e in episodes]}
+
+
+def episode_line(e: dict) -> str:
+    """One episode's outcome in words: success, distances and the steps the surprise monitor flagged."""
+    flagged = f"surprise flagged steps {e['flagged']}" if e["flagged"] else "no step flagged"
+    return (f"{'success' if e['success'] else 'missed'}, final distance {e['final_distance']:.3f} m from "
+            f"{e['initial_distance']:.3f} m, {flagged}")
 
 
 # ---------------------------------------------------------------- energy landscape
@@ -204,7 +225,7 @@ def energy_landscape(model: WorldModel, env, seed: int, points: int = 41) -> dic
             "true_action": true.tolist()}
 
 
-def plot_landscapes(landscapes: dict, path: str) -> None:
+def plot_landscapes(landscapes: dict, path) -> None:
     """landscapes: {domain: {model name: energy_landscape(...)}} -> one PNG, a panel per domain."""
     import matplotlib
     matplotlib.use("Agg")
@@ -222,37 +243,58 @@ def plot_landscapes(landscapes: dict, path: str) -> None:
                ylabel="energy (min-max scaled)")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with path.open("wb") as f:  # an epath: local or object store
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- benchmark
 
 
+def describe_encoder(config) -> str:
+    """Where a world model's frozen encoder comes from, in words."""
+    if config.encoder_weights == "random":
+        return "random-init encoder (untrained)"
+    return f"EMA encoder of {config.encoder_from or 'its own run'}"
+
+
 def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[str] = PLAN_DOMAINS,
-              episodes: int = 10, output: str = "", config_overrides: Sequence[str] = ()) -> dict:
-    from jepa import export as export_lib
+              episodes: int = 10, output: str = "", config=None, progress: bool = True) -> dict:
+    """CEM with the world model (and the baseline world model), and random actions, on the same seeded episodes
+    of each domain; energy landscapes. config: the world model run's config with changes (plan settings, data;
+    default: the run's own), used for every method. `progress`: bars and a line per episode."""
     from jepa import surprise as surprise_lib
-    from jepa.data.world import make_env
+    from jepa.envs import make_env
     models = {"world model": WorldModel.load(workdir)}
+    log.info("world model %s: step %d, %s", workdir, models["world model"].step,
+             describe_encoder(models["world model"].config))
     if baseline_workdir:
-        models["random-encoder world model"] = WorldModel.load(baseline_workdir)
-    config = export_lib.apply_overrides(models["world model"].config, config_overrides)
+        baseline = WorldModel.load(baseline_workdir)
+        name = "random-encoder world model"
+        if baseline.config.encoder_weights != "random":
+            name = "baseline world model"
+            log.warning("--baseline_workdir=%s: its encoder is not random (config.encoder_weights=%r); reported "
+                        "as '%s'", baseline_workdir, baseline.config.encoder_weights, name)
+        models[name] = baseline
+        log.info("%s %s: step %d, %s", name, baseline_workdir, baseline.step, describe_encoder(baseline.config))
+    config = config if config is not None else models["world model"].config
     p = config.plan
     res = int(config.data.resolution)
-    monitors = {name: Monitor(surprise_lib.calibrate_threshold(m, float(p.surprise_quantile)), replan=True)
-                for name, m in models.items()}
+    monitors = {name: Monitor(surprise_lib.calibrate_threshold(m, float(p.surprise_quantile), config=config),
+                              replan=True, model=name) for name, m in models.items()}
     results: dict = {"settings": dict(p), "domains": {}}
     landscapes: dict = {}
     for domain in domains:
         seeds = episode_seeds(domain, episodes, int(p.goal_steps), res)
         per = {}
-        for name, model in models.items():
-            per[f"CEM, {name}"] = evaluate(model, domain, seeds, "cem", config, monitors[name])
-            log.info("%s / CEM, %s: %s", domain, name, per[f"CEM, {name}"]["success_rate"])
-        per["random actions"] = evaluate(models["world model"], domain, seeds, "random", config)
+        methods = [(f"CEM, {name}", model, "cem", monitors[name]) for name, model in models.items()]
+        for method, model, policy, monitor in [*methods, ("random actions", models["world model"], "random", None)]:
+            per[method] = m = evaluate(model, domain, seeds, policy, config, monitor, name=method, progress=progress)
+            log.info("%s, %s: success %.2f, final distance %.3f m from %.3f m over %d episodes", domain, method,
+                     m["success_rate"], m["final_distance"], m["initial_distance"], len(seeds))
         results["domains"][domain] = {"seeds": seeds, "success_radius": SUCCESS_RADIUS[domain], "methods": per}
         env = make_env(domain, seeds[0], res)
+        (log.info if progress else log.debug)("%s: energy landscapes of %d episodes", domain, len(seeds))
         try:
             lands = {name: [energy_landscape(m, env, s) for s in seeds] for name, m in models.items()}
         finally:
@@ -264,10 +306,8 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
         landscapes[domain] = {name: per_seed[0] for name, per_seed in lands.items()}
     results["energy_landscape"] = landscapes
     if output:
-        os.makedirs(output, exist_ok=True)
-        plot_landscapes(landscapes, os.path.join(output, "energy_landscape.png"))
-        with open(os.path.join(output, "planning_benchmark.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        workdir_lib.write_json(workdir_lib.path(output) / "planning_benchmark.json", results)
+        plot_landscapes(landscapes, workdir_lib.path(output) / "energy_landscape.png")
     return results
 
 
@@ -277,58 +317,73 @@ def format_table(results: dict) -> str:
     for domain, r in results["domains"].items():
         for method, m in r["methods"].items():
             rows.append((domain, method, f"{m['success_rate']:.2f}", f"{m['final_distance']:.3f}",
-                         f"{m['initial_distance']:.3f}", f"{m['plan_seconds_per_action']:.3f}",
+                         f"{m['initial_distance']:.3f}", _seconds(m["plan_seconds_per_action"]),
                          str(m["flagged_steps"]), f"{m['landscape_error']:.3f}" if "landscape_error" in m else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
     return "\n".join([line(rows[0]), "-+-".join("-" * w for w in widths), *map(line, rows[1:])])
 
 
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 # ---------------------------------------------------------------- command line
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    import argparse
+    """`python -m jepa.plan [benchmark] --workdir=RUN [--flags] [--config.FIELD=VALUE ...]` (argv: the arguments
+    after the program name); returns the result."""
+    from absl import flags
 
-    from jepa.export import split_command
-    bench, overrides, rest = split_command(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m jepa.plan", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="a world-model run (configs/world_model.py)")
-    p.add_argument("--baseline_workdir", default="", help="benchmark: the random-encoder world model run")
-    p.add_argument("--domain", default="reacher", help="run: one of " + ", ".join(PLAN_DOMAINS))
-    p.add_argument("--domains", default=",".join(PLAN_DOMAINS), help="benchmark: comma list")
-    p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--policy", default="cem", choices=("cem", "random"))
-    p.add_argument("--monitor", action="store_true", help="run: calibrate and apply the surprise monitor")
-    p.add_argument("--output", default="", help="write results (and the benchmark's plot) here")
-    args = p.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for d in args.domains.split(",") + [args.domain]:
-        if d not in SUCCESS_RADIUS:
-            p.error(f"domain {d!r}: planning tasks are defined for {', '.join(PLAN_DOMAINS)}")
-    if args.episodes < 1:
-        p.error("--episodes must be >= 1")
-    if bench:
-        result = benchmark(args.workdir, args.baseline_workdir or None, domains=args.domains.split(","),
-                           episodes=args.episodes, output=args.output, config_overrides=overrides)
-        print(format_table(result))
-        return result
-    from jepa import export as export_lib
-    model = WorldModel.load(args.workdir)
-    config = export_lib.apply_overrides(model.config, overrides)
-    monitor = None
-    if args.monitor:
-        from jepa import surprise as surprise_lib
-        monitor = Monitor(surprise_lib.calibrate_threshold(model, float(config.plan.surprise_quantile)))
-    seeds = episode_seeds(args.domain, args.episodes, int(config.plan.goal_steps), int(config.data.resolution))
-    result = evaluate(model, args.domain, seeds, args.policy, config, monitor)
-    print(json.dumps({k: v for k, v in result.items() if k != "episodes"}))
-    if args.output:
-        os.makedirs(args.output, exist_ok=True)
-        with open(os.path.join(args.output, f"plan_{args.domain}_{args.policy}.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+    from jepa import cli
+    from jepa import config as config_lib
+    with cli.flag_scope():
+        workdir, config_flag = cli.define_run_config(argv, "a world-model run (configs/world_model.py)")
+        baseline = flags.DEFINE_string("baseline_workdir", "", "benchmark: the random-encoder world model run")
+        domain = flags.DEFINE_string("domain", "reacher", "the planning task: one of " + ", ".join(PLAN_DOMAINS))
+        domains = flags.DEFINE_list("domains", list(PLAN_DOMAINS), "benchmark: a comma list of domains")
+        episodes = flags.DEFINE_integer("episodes", 10, "episodes (benchmark: per domain)", lower_bound=1)
+        policy = flags.DEFINE_enum("policy", "cem", ("cem", "random"), "plan with the world model, or act at random")
+        monitor_flag = flags.DEFINE_boolean("monitor", False, "calibrate and apply the surprise monitor (the "
+                                            "benchmark always does)")
+        output = flags.DEFINE_string("output", "", "write results (and the benchmark's plot) here")
+        bench = cli.parse(argv, commands=("benchmark",), required=("workdir",)) == "benchmark"
+        for d in [*domains.value, domain.value]:
+            if d not in SUCCESS_RADIUS:
+                raise cli.UsageError(f"domain {d!r}: planning tasks are defined for {', '.join(PLAN_DOMAINS)}")
+        config = config_flag.value
+        config_lib.validate(config)
+        if bench:
+            result = benchmark(workdir.value, baseline.value or None, domains=domains.value, episodes=episodes.value,
+                               output=output.value, config=config)
+            print(format_table(result))
+            return result
+        model = WorldModel.load(workdir.value)
+        log.info("world model %s: step %d, %s", workdir.value, model.step, describe_encoder(model.config))
+        monitor = None
+        if monitor_flag.value:
+            from jepa import surprise as surprise_lib
+            monitor = Monitor(surprise_lib.calibrate_threshold(model, float(config.plan.surprise_quantile),
+                                                               config=config))
+        seeds = episode_seeds(domain.value, episodes.value, int(config.plan.goal_steps), int(config.data.resolution))
+        result = evaluate(model, domain.value, seeds, policy.value, config, monitor,
+                          name="CEM, world model" if policy.value == "cem" else "random actions", progress=True)
+        if monitor is not None:  # the episodes' outcomes and flags, then the averages as before
+            print(f"{domain.value}, {policy.value} with the surprise monitor (threshold {monitor.threshold:.4f}):")
+            for e in result["episodes"]:
+                print(f"  seed {e['seed']}: {episode_line(e)}")
+        print(json.dumps({k: v for k, v in result.items() if k != "episodes"}))
+        if output.value:
+            workdir_lib.write_json(workdir_lib.path(output.value) / f"plan_{domain.value}_{policy.value}.json", result)
     return result
 
 
+def run() -> None:
+    """Entry of `python -m jepa.plan` and the `jepa-plan` console script."""
+    from jepa import cli
+    cli.run(main, __doc__)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jepa.data.world import A_MAX, S_MAX
+from jepa.envs import A_MAX, S_MAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +99,13 @@ class WorldModel:
     @classmethod
     def load(cls, workdir: str, step: int | None = None) -> WorldModel:
         from jepa import config as config_lib
-        from jepa import export as export_lib
-        config = export_lib.load_run_config(workdir)
-        if config.get("objective") != "ac":
+        from jepa import runs
+        config = runs.load_config(workdir)
+        if config.objective != "ac":
             raise ValueError(f"--workdir={workdir}: not a world-model run (config.objective is "
-                             f"{config.get('objective')!r}; train one with configs/world_model.py)")
+                             f"{config.objective!r}; train one with configs/world_model.py)")
         config_lib.validate(config)
-        step = export_lib.checkpoint_step(workdir, step)
-        state = export_lib.load_state_parts(workdir, step, ["ema", "params/predictor"])
+        state, step = runs.load_state_parts(workdir, ["ema", "params/predictor"], step)
         return cls(config, state["ema"], state["params"]["predictor"], step)
 
     # ---- representations ----

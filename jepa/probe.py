@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jepa import workdir as workdir_lib
 from jepa.models import layers as layers_lib
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,14 @@ def state_stats(feats, name: str, frame: int | None) -> dict:
 
 def add_keypoints(feats) -> None:
     """Caches targets["keypoints"] [N, T, MAX_KEYPOINTS, 2]: the image positions of the moving geoms in each
-    sampled frame, computed from the stored physics states (jepa.data.world.image_keypoints)."""
+    sampled frame, computed from the stored physics states (jepa.envs.image_keypoints)."""
     if "keypoints" in feats.targets:
         return
-    from jepa.data import world
+    from jepa import envs
     states, domains = _regression_values(feats, "states", None)
-    out = np.zeros((*states.shape[:2], world.MAX_KEYPOINTS, 2), np.float32)
+    out = np.zeros((*states.shape[:2], envs.MAX_KEYPOINTS, 2), np.float32)
     for i, (row, d) in enumerate(zip(feats.rows, domains)):
-        out[i] = world.image_keypoints(int(d), states[i], int(row["num_qpos"]))
+        out[i] = envs.image_keypoints(int(d), states[i], int(row["num_qpos"]))
     feats.targets["keypoints"] = out
 
 
@@ -129,8 +129,8 @@ def _target_dims(feats, name: str, rows_mask) -> tuple[int, int]:
     if not rows or "state_dim" not in rows[0]:
         raise ValueError(f"--target={name}: the features' rows lack state_dim/num_qpos (export the world dataset)")
     if name == "keypoints":
-        from jepa.data import world
-        return 4 * world.MAX_KEYPOINTS, 2 * world.MAX_KEYPOINTS
+        from jepa import envs
+        return 4 * envs.MAX_KEYPOINTS, 2 * envs.MAX_KEYPOINTS
     return int(rows[0]["state_dim"]), int(rows[0]["num_qpos"])
 
 
@@ -333,11 +333,14 @@ def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> np.ndarra
 
 
 def train_grid(model: ProbeModel, kind: str, x, y, mask, lrs: Sequence[float], wds: Sequence[float], *,
-               epochs: int = 20, batch_size: int = 64, warmup: float = 0.1, seed: int = 0):
-    """Trains len(lrs) x len(wds) probes in ONE jitted program (vmap over the grid, scan over steps).
+               epochs: int = 20, batch_size: int = 64, warmup: float = 0.1, seed: int = 0, progress: bool = False):
+    """Trains len(lrs) x len(wds) probes together in one jitted program per epoch (vmap over the grid, scan over
+    the epoch's steps); `progress` shows a bar over the epochs.
 
     AdamW (decoupled weight decay on kernels), linear warm-up then cosine decay. Returns (stacked params
     [G, ...], the grid as a list of (lr, wd), final minibatch losses [G])."""
+    from tqdm.auto import tqdm
+
     grid = [(float(lr), float(wd)) for lr in lrs for wd in wds]
     if not grid:
         raise ValueError("--lrs / --wds: the grid is empty")
@@ -351,10 +354,11 @@ def train_grid(model: ProbeModel, kind: str, x, y, mask, lrs: Sequence[float], w
     g_wd = jnp.asarray([g[1] for g in grid], jnp.float32)
     mask = jnp.ones((len(x), 1), jnp.float32) if mask is None else jnp.asarray(mask)
 
-    def program(x, y, mask, g_lr, g_wd, schedule):
+    def start():
         params = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(grid), *p.shape)), init)
-        opt = jax.vmap(adam.init)(params)
+        return params, jax.vmap(adam.init)(params)
 
+    def epoch(params, opt, x, y, mask, g_lr, g_wd, step_ids, schedule):
         def step(carry, inputs):
             params, opt = carry
             i, rows = inputs
@@ -371,10 +375,18 @@ def train_grid(model: ProbeModel, kind: str, x, y, mask, lrs: Sequence[float], w
             params, opt, loss = jax.vmap(one)(params, opt, g_lr, g_wd)
             return (params, opt), loss
 
-        (params, _), losses = jax.lax.scan(step, (params, opt), (jnp.arange(steps), schedule))
-        return params, losses[-1]
+        (params, opt), losses = jax.lax.scan(step, (params, opt), (step_ids, schedule))
+        return params, opt, losses[-1]
 
-    params, last = jax.jit(program)(jnp.asarray(x), jnp.asarray(y), mask, g_lr, g_wd, schedule)
+    params, opt = jax.jit(start)()
+    epoch = jax.jit(epoch)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    per_epoch = steps // epochs
+    last = None
+    for e in tqdm(range(epochs), desc=f"{model.kind} probe, {len(grid)} lr x wd", unit="epoch", file=sys.stderr,
+                  disable=not progress):
+        ids = slice(e * per_epoch, (e + 1) * per_epoch)
+        params, opt, last = epoch(params, opt, x, y, mask, g_lr, g_wd, jnp.arange(steps)[ids], schedule[ids])
     return params, grid, np.asarray(last)
 
 
@@ -457,9 +469,10 @@ def regression_metrics(pred: np.ndarray, task: Task) -> dict[str, np.ndarray]:
 def run_probe(train, val, test, *, task: str, target: str = "label", probe: str = "linear",
               lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS, epochs: int = 20,
               batch_size: int = 64, depth: int = 1, heads: int = 0, seed: int = 0,
-              alphas: Sequence[float] = RIDGE_ALPHAS) -> dict:
+              alphas: Sequence[float] = RIDGE_ALPHAS, progress: bool = False) -> dict:
     """Fit the grid on `train` features, choose on `val`, report on `test` (Features from jepa.export).
-    linear / attentive: an lr x wd grid trained with AdamW; ridge: closed form over `alphas`."""
+    linear / attentive: an lr x wd grid trained with AdamW (`progress`: a bar over the epochs); ridge: closed
+    form over `alphas`."""
     stats = state_stats(train, *parse_target(target)) if task == "regression" else None
     tr = make_task(train, task, target, probe, stats)
     va = make_task(val, task, target, probe, stats)
@@ -483,7 +496,7 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
         model = ProbeModel(kind=probe, width=int(tr.x.shape[-1]), out=out, depth=depth, heads=heads,
                            tokens=int(tr.x.shape[1]) if probe == "attentive" else 0)
         params, lr_wd, last_loss = train_grid(model, task, tr.x, tr.y, tr.mask, lrs, wds, epochs=epochs,
-                                              batch_size=batch_size, seed=seed)
+                                              batch_size=batch_size, seed=seed, progress=progress)
         val_out, test_out = predict_grid(model, params, va.x), predict_grid(model, params, te.x)
         grid = [{"lr": lr, "wd": wd, "train_loss": float(loss)} for (lr, wd), loss in zip(lr_wd, last_loss)]
     val_m, test_m = metric_fn(val_out, va), metric_fn(test_out, te)
@@ -501,41 +514,60 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
 
 def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, batch_size: int = 32,
               probes: Sequence[str] = ("linear", "ridge"), targets: Sequence[str] = ("keypoints[-1]",),
-              epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, overrides: Sequence[str] = (), depth: int = 1,
+              epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, config=None, depth: int = 1,
               episodes: int = BENCHMARK_EPISODES, layers: Sequence[int] | None = None,
               progress: bool = True) -> dict:
     """Domain accuracy and per-domain physical-state R^2 (default: image keypoints and their velocity at the
     window's last frame) from frozen embeddings of the world dataset: the run's EMA encoder at `step` (default
     latest) vs the same architecture at random initialisation (the run's config and seed).
 
+    config: the run's config with changes (e.g. another `data.sources.world.data_dir`; default: the run's own).
     layers: encoder blocks whose outputs are probed (concatenated; default the last), e.g. (2,) for a middle one.
     episodes > 0 evaluates on a world dataset of that many episodes (same seed and domains as the run's, so its
-    validation and test episodes were never seen in pretraining); the default preset's test split holds only ~4
-    episodes per domain, too few for stable per-domain R^2. 0 = the run's own dataset."""
+    validation and test episodes were never seen in pretraining; generated on first use, then cached); the
+    default preset's test split holds only ~4 episodes per domain, too few for stable per-domain R^2. 0 = the
+    run's own dataset. `progress`: bars for the embedding and the probes' training, a line per result."""
+    import time
+
+    from jepa import config as config_lib
     from jepa import export as export_lib
-    config = export_lib.load_run_config(workdir)
+    from jepa import runs
+    config = (config if config is not None else runs.load_config(workdir)).copy_and_resolve_references()
     worlds = [name for name, s in config.data.sources.items() if s.kind == "world"]
     if not worlds:
         raise ValueError(f"{workdir}: the benchmark needs a run on the world dataset (or --config overrides of "
                          "config.data.sources pointing at one)")
-    overrides = ["--config.data.eval_mode=uniform", f"--config.data.num_segments={num_segments}",
-                 *[f"--config.data.sources.{name}.episodes={episodes}" for name in worlds if episodes], *overrides]
+    config.data.eval_mode = "uniform"
+    config.data.num_segments = int(num_segments)
+    for name in worlds:
+        if episodes:
+            config.data.sources[name].episodes = int(episodes)
+    config_lib.validate(config)
+    say = log.info if progress else log.debug
+    say("probe benchmark: world dataset %s (%s episodes; generated once when missing, then cached), %d windows "
+        "per episode, probes %s", ", ".join(config.data.sources[n].preset for n in worlds),
+        episodes or "the run's", num_segments, ",".join(probes))
     features = ("pooled", "patches") if set(probes) - {"linear"} else ("pooled",)
-    ckpt_params, ckpt_step = export_lib.load_encoder_params(workdir, export_lib.apply_overrides(
-        export_lib.with_split(config, "train"), overrides), step=step)
-    encoders = {f"step {ckpt_step}": ckpt_params,
-                "random init": export_lib.random_encoder_params(config)}
+    ckpt_params, ckpt_step = runs.load_encoder(workdir, export_lib.with_split(config, "train"), step=step)
+    encoders = {f"step {ckpt_step}": ckpt_params, "random init": runs.random_encoder(config)}
     results = {}
     for name, params in encoders.items():
         feats = {split: export_lib.embed_split(config, params, split, features=features, batch_size=batch_size,
-                                               layers=layers, overrides=overrides, progress=progress)
+                                               layers=layers, progress=progress)
                  for split in ("train", "validation", "test")}
         for probe in probes:
-            kw = dict(probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth)
-            results.setdefault(name, {})[f"{probe}/domain"] = run_probe(
+            kw = dict(probe=probe, lrs=lrs, wds=wds, epochs=epochs, depth=depth, progress=progress)
+            start = time.perf_counter()
+            results.setdefault(name, {})[f"{probe}/domain"] = r = run_probe(
                 feats["train"], feats["validation"], feats["test"], task="classification", target="domain", **kw)
+            say("probe benchmark [%s] %s/domain: test accuracy %.3f (%.0f s)", name, probe, r["test"]["accuracy"],
+                time.perf_counter() - start)
             for target in targets:
-                results[name][f"{probe}/{target}"] = per_domain_regression(feats, target=target, **kw)
+                start = time.perf_counter()
+                results[name][f"{probe}/{target}"] = r = per_domain_regression(feats, target=target, **kw)
+                say("probe benchmark [%s] %s/%s: test r2 %.3f (positions %.3f, velocities %.3f) (%.0f s)", name,
+                    probe, target, r["test"]["r2"], r["test"]["r2_pos"], r["test"]["r2_vel"],
+                    time.perf_counter() - start)
         summary = export_lib.summarize(feats["test"])
         results[name]["effective_rank"] = summary["effective_rank"]
     return results
@@ -603,77 +635,87 @@ def _ints(text: str, flag: str) -> list[int]:
         raise ValueError(f"{flag}: {text!r} is not a comma list of integers") from None
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    import argparse
+def _define_flags() -> None:
+    from absl import flags
+    flags.DEFINE_string("features", None, "export directory of the training split")
+    flags.DEFINE_string("val_features", None, "export directory of the validation split (model selection)")
+    flags.DEFINE_string("test_features", None, "export directory of the test split (reported)")
+    flags.DEFINE_integer("step", None, "with --workdir: checkpoint step (default: the latest)")
+    flags.DEFINE_enum("encoder", "ema", ("ema", "online", "random"), "with --workdir: the encoder to probe")
+    flags.DEFINE_string("splits", "train,validation,test", "with --workdir: train,val,test split names")
+    flags.DEFINE_enum("task", "classification", ("classification", "regression"), "probe task")
+    flags.DEFINE_string("target", "label", "label | domain | states[t] | keypoints[t]; benchmark: regression "
+                        "targets, a comma list (default keypoints[-1])")
+    flags.DEFINE_string("probe", "", f"{' | '.join(PROBES)} (default linear; benchmark: a comma list, default "
+                        "linear,ridge)")
+    flags.DEFINE_string("lrs", ",".join(map(str, DEFAULT_LRS)), "learning rates of the grid, a comma list")
+    flags.DEFINE_string("wds", ",".join(map(str, DEFAULT_WDS)), "weight decays of the grid, a comma list")
+    flags.DEFINE_integer("epochs", 20, "training epochs of linear and attentive probes", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 64, "probe training batch", lower_bound=1)
+    flags.DEFINE_integer("depth", 1, "attentive probe: self-attention blocks", lower_bound=0)
+    flags.DEFINE_integer("heads", 0, "attentive probe: attention heads (0 = auto)", lower_bound=0)
+    flags.DEFINE_integer("num_segments", 8, "benchmark: windows per episode", lower_bound=1)
+    flags.DEFINE_string("layers", "", "benchmark: encoder blocks to probe, a comma list (default: the last)")
+    flags.DEFINE_integer("episodes", BENCHMARK_EPISODES, "benchmark: world episodes to evaluate on (generated on "
+                         "first use and cached; 0 = the run's own dataset)", lower_bound=0)
+    flags.DEFINE_string("output", "", "write the result JSON here")
 
-    from jepa.export import split_command
-    bench, overrides, rest = split_command(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m jepa.probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--features", help="export directory of the training split")
-    p.add_argument("--val_features", help="export directory of the validation split (model selection)")
-    p.add_argument("--test_features", help="export directory of the test split (reported)")
-    p.add_argument("--workdir", help="encode on the fly from this run instead of exported features")
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--encoder", default="ema", choices=("ema", "online", "random"))
-    p.add_argument("--splits", default="train,validation,test", help="with --workdir: train,val,test split names")
-    p.add_argument("--task", default="classification", choices=("classification", "regression"))
-    p.add_argument("--target", default="label", help="benchmark: regression targets, a comma list "
-                   "(default keypoints[-1])")
-    p.add_argument("--probe", default="", help=f"{' | '.join(PROBES)} (default linear; benchmark: a comma list, "
-                   "default linear,ridge)")
-    p.add_argument("--lrs", default=",".join(map(str, DEFAULT_LRS)))
-    p.add_argument("--wds", default=",".join(map(str, DEFAULT_WDS)))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--depth", type=int, default=1, help="attentive probe: self-attention blocks")
-    p.add_argument("--heads", type=int, default=0, help="attentive probe: attention heads (0 = auto)")
-    p.add_argument("--num_segments", type=int, default=8, help="benchmark: windows per episode")
-    p.add_argument("--layers", default="", help="benchmark: encoder blocks to probe, a comma list (default: last)")
-    p.add_argument("--episodes", type=int, default=BENCHMARK_EPISODES,
-                   help="benchmark: world episodes to evaluate on (0 = the run's dataset)")
-    p.add_argument("--output", default="", help="write the result JSON here")
-    args = p.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    lrs, wds = _floats(args.lrs, "--lrs"), _floats(args.wds, "--wds")
-    args.probe = args.probe or ("linear,ridge" if bench else "linear")
-    if bench:
-        if not args.workdir:
-            p.error("benchmark needs --workdir")
-        targets = ["keypoints[-1]"] if args.target == "label" else args.target.split(",")
-        result = benchmark(args.workdir, step=args.step, num_segments=args.num_segments, targets=targets,
-                           episodes=args.episodes, layers=_ints(args.layers, "--layers") or None,
-                           probes=args.probe.split(","), epochs=args.epochs, lrs=lrs, wds=wds,
-                           overrides=overrides, depth=args.depth)
-        print(format_table(result))
-    else:
-        if args.workdir:
-            from jepa import export as export_lib
-            config = export_lib.load_run_config(args.workdir)
-            splits = args.splits.split(",")
-            if len(splits) != 3:
-                p.error("--splits needs three names: train,validation,test")
-            run_cfg = export_lib.apply_overrides(export_lib.with_split(config, splits[0]), overrides)
-            if args.encoder == "random":
-                params = export_lib.random_encoder_params(run_cfg)
-            else:
-                params, _ = export_lib.load_encoder_params(args.workdir, run_cfg, step=args.step, encoder=args.encoder)
-            features = ("pooled", "patches") if args.probe != "linear" else ("pooled",)
-            train, val, test = (export_lib.embed_split(config, params, s, features=features, overrides=overrides,
-                                                       progress=True) for s in splits)
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`python -m jepa.probe [benchmark] [--flags] [--config.FIELD=VALUE ...]` (argv: the arguments after the
+    program name); returns the result it prints."""
+    from absl import flags
+
+    from jepa import cli, runs
+    from jepa import export as export_lib
+    with cli.flag_scope():
+        _, config_flag = cli.define_run_config(argv, "a jepa.train run: encode on the fly instead of exported "
+                                               "features (benchmark: the run to evaluate)")
+        _define_flags()
+        bench = cli.parse(argv, commands=("benchmark",)) == "benchmark"
+        f = flags.FLAGS
+        lrs, wds = _floats(f.lrs, "--lrs"), _floats(f.wds, "--wds")
+        probe = f.probe or ("linear,ridge" if bench else "linear")
+        if bench:
+            if not f.workdir:
+                raise cli.UsageError("benchmark needs --workdir")
+            targets = ["keypoints[-1]"] if f.target == "label" else f.target.split(",")
+            result = benchmark(f.workdir, step=f.step, num_segments=f.num_segments, targets=targets,
+                               episodes=f.episodes, layers=_ints(f.layers, "--layers") or None,
+                               probes=probe.split(","), epochs=f.epochs, lrs=lrs, wds=wds, config=config_flag.value,
+                               depth=f.depth)
+            print(format_table(result))
         else:
-            if not (args.features and args.val_features and args.test_features):
-                p.error("give --features, --val_features and --test_features (export dirs), or --workdir")
-            from jepa.export import load_features
-            train, val, test = (load_features(d) for d in (args.features, args.val_features, args.test_features))
-        result = run_probe(train, val, test, task=args.task, target=args.target, probe=args.probe, lrs=lrs, wds=wds,
-                           epochs=args.epochs, batch_size=args.batch_size, depth=args.depth, heads=args.heads)
-        print(json.dumps(result))
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+            if f.workdir:
+                splits = f.splits.split(",")
+                if len(splits) != 3:
+                    raise cli.UsageError("--splits needs three names: train,validation,test")
+                config = config_flag.value
+                params, _ = runs.load_encoder(f.workdir, export_lib.with_split(config, splits[0]), weights=f.encoder,
+                                              step=f.step)
+                features = ("pooled", "patches") if probe != "linear" else ("pooled",)
+                train, val, test = (export_lib.embed_split(config, params, s, features=features, progress=True)
+                                    for s in splits)
+            else:
+                if not (f.features and f.val_features and f.test_features):
+                    raise cli.UsageError("give --features, --val_features and --test_features (export dirs), "
+                                         "or --workdir")
+                train, val, test = (export_lib.load_features(d) for d in (f.features, f.val_features,
+                                                                            f.test_features))
+            result = run_probe(train, val, test, task=f.task, target=f.target, probe=probe, lrs=lrs, wds=wds,
+                               epochs=f.epochs, batch_size=f.batch_size, depth=f.depth, heads=f.heads, progress=True)
+            print(json.dumps(result))
+        output = f.output
+    if output:
+        workdir_lib.write_json(output, result, indent=2)
     return result
 
 
+def run() -> None:
+    """Entry of `python -m jepa.probe` and the `jepa-probe` console script."""
+    from jepa import cli
+    cli.run(main, __doc__)
+
+
 if __name__ == "__main__":
-    main()
+    run()

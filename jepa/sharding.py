@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+DISTRIBUTED_MODES = ("auto", "on", "off")  # config.distributed.mode (see initialize_distributed)
 
 # Logical dimension name -> mesh axis (None: never sharded).
 LOGICAL_TO_MESH = {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "layers": None, "vocab": None}
@@ -242,8 +243,8 @@ def initialize_distributed(dist_cfg) -> bool:
     a JAX backend; calling it again in the same process is a no-op.
     """
     mode = str(dist_cfg.mode)
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"config.distributed.mode must be one of auto, on, off, got {mode!r}")
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"config.distributed.mode must be one of {', '.join(DISTRIBUTED_MODES)}, got {mode!r}")
     if jax.distributed.is_initialized():
         return jax.process_count() > 1
     explicit = bool(dist_cfg.coordinator_address)
@@ -258,12 +259,12 @@ def initialize_distributed(dist_cfg) -> bool:
                              f"num_processes={dist_cfg.num_processes} process_id={dist_cfg.process_id}")
         kwargs = dict(coordinator_address=str(dist_cfg.coordinator_address),
                       num_processes=int(dist_cfg.num_processes), process_id=int(dist_cfg.process_id))
-    if dist_cfg.get("local_device_ids", ""):
+    if dist_cfg.local_device_ids:
         kwargs["local_device_ids"] = [int(i) for i in str(dist_cfg.local_device_ids).split(",")]
     # Only the CPU client reads this (harmless on accelerators): cross-process CPU collectives via gloo.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("jax.distributed.initialize(%s) (%s)", kwargs or "auto-detected", "explicit" if explicit else detected)
-    jax.distributed.initialize(**kwargs, initialization_timeout=int(dist_cfg.get("timeout_s", 300)))
+    jax.distributed.initialize(**kwargs, initialization_timeout=int(dist_cfg.timeout_s))
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return jax.process_count() > 1

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jepa import workdir as workdir_lib
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,13 @@ class VideoPredictor:
     """A V-JEPA pretraining run's online encoder + predictor and EMA encoder, for per-step video surprise."""
 
     def __init__(self, workdir: str, step: int | None = None):
-        from jepa import export as export_lib
-        from jepa import objectives
+        from jepa import objectives, runs
         from jepa.objectives.vjepa import gather_tokens, layer_norm, normalize_video
-        self.config = export_lib.load_run_config(workdir)
-        if self.config.get("objective", "vjepa") != "vjepa":
+        self.config = runs.load_config(workdir)
+        if self.config.objective != "vjepa":
             raise ValueError(f"--video_workdir={workdir}: not a V-JEPA pretraining run (config.objective is "
                              f"{self.config.objective!r})")
-        self.step = export_lib.checkpoint_step(workdir, step)
-        state = export_lib.load_state_parts(workdir, self.step, ["params", "ema"])
+        state, self.step = runs.load_state_parts(workdir, ["params/encoder", "params/predictor", "ema"], step)
         self.params, self.ema = state["params"], state["ema"]
         self.objective = objectives.build(self.config)
         self.tubelet = int(self.config.model.encoder.tubelet_size)
@@ -122,14 +121,14 @@ _HIDDEN_ENVS: dict = {}
 
 def render_hidden(record: dict, indices: np.ndarray) -> np.ndarray:
     """Frames of the record's physics states at `indices`, re-rendered with the domain's moving bodies hidden."""
-    from jepa.data import world
-    domain = world.DOMAINS[int(record["domain"])][0]
+    from jepa import envs
+    domain = envs.DOMAINS[int(record["domain"])][0]
     if domain not in VANISH_GEOMS:
         raise ValueError(f"vanish: no hidden-body list for {domain!r} (have {sorted(VANISH_GEOMS)})")
     resolution = int(np.asarray(record["frames"]).shape[1])
     key = (domain, resolution)
     if key not in _HIDDEN_ENVS:
-        env = world.make_env(domain, int(record["seed"]), resolution)
+        env = envs.make_env(domain, int(record["seed"]), resolution)
         for geom in VANISH_GEOMS[domain]:
             env.physics.named.model.geom_rgba[geom, 3] = 0.0
         _HIDDEN_ENVS[key] = env
@@ -154,11 +153,12 @@ def world_records(config, split: str):
 
 
 def calibrate_threshold(model, quantile: float = 0.99, split: str = "validation", max_clips: int = 32,
-                        length: int = 8) -> float:
-    """The `quantile` of per-step world-model surprise over unaltered clips of the run's `split`."""
+                        length: int = 8, config=None) -> float:
+    """The `quantile` of per-step world-model surprise over unaltered clips of the run's `split` (of the world
+    dataset of `config`, default the model's own config)."""
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"plan.surprise_quantile must lie in (0, 1], got {quantile}")
-    source = world_records(model.config, split)
+    source = world_records(config if config is not None else model.config, split)
     values = []
     for i in range(min(len(source), max_clips)):
         r = source[i]
@@ -171,18 +171,24 @@ def calibrate_threshold(model, quantile: float = 0.99, split: str = "validation"
 
 
 def benchmark(workdir: str, *, video_workdir: str = "", split: str = "test", clips: int = 60, length: int = 8,
-              jump: int = 8, kinds: Sequence[str] = VIOLATIONS, output: str = "") -> dict:
-    """AUROC of clip surprise (max over steps), altered vs unaltered, per violation kind and predictor."""
+              jump: int = 8, kinds: Sequence[str] = VIOLATIONS, output: str = "", config=None,
+              progress: bool = False) -> dict:
+    """AUROC of clip surprise (max over steps), altered vs unaltered, per violation kind and predictor.
+    config: the world model run's config with changes (its world data; default the run's own). `progress`: a bar
+    over the clips."""
+    from tqdm.auto import tqdm
+
     from jepa.planning import WorldModel
     model = WorldModel.load(workdir)
     scorers = {"action-conditioned": lambda frames, actions: ac_surprise(model, frames, actions)}
     if video_workdir:
         video = VideoPredictor(video_workdir)
         scorers["video"] = lambda frames, actions: video.surprise(frames)
-    source = world_records(model.config, split)
+    source = world_records(config if config is not None else model.config, split)
     at = length // 2
     scores = {name: {"unaltered": [], **{k: [] for k in kinds}} for name in scorers}
-    for i in range(min(clips, len(source))):
+    for i in tqdm(range(min(clips, len(source))), desc=f"surprise: {', '.join(scorers)} predictor(s) on {split} "
+                  "clips", unit="clip", file=sys.stderr, disable=not progress):
         r = source[i]
         num = len(r["frames"])
         if num < length + jump:
@@ -201,36 +207,40 @@ def benchmark(workdir: str, *, video_workdir: str = "", split: str = "test", cli
         result["auroc"][name] = {k: auroc(per[k], per["unaltered"]) for k in kinds}
         result["mean_score"][name] = {k: float(np.mean(v)) for k, v in per.items()}
     if output:
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, "surprise_benchmark.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        workdir_lib.write_json(workdir_lib.path(output) / "surprise_benchmark.json", result)
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    import argparse
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "benchmark":
-        raise SystemExit("usage: python -m jepa.surprise benchmark --workdir=WORLD_MODEL_RUN [--video_workdir=RUN]")
-    p = argparse.ArgumentParser(prog="python -m jepa.surprise benchmark", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="a world-model run (configs/world_model.py)")
-    p.add_argument("--video_workdir", default="", help="a V-JEPA pretraining run (its predictor is scored too)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--clips", type=int, default=60)
-    p.add_argument("--length", type=int, default=8)
-    p.add_argument("--jump", type=int, default=8, help="teleport: frames skipped")
-    p.add_argument("--kinds", default=",".join(VIOLATIONS))
-    p.add_argument("--output", default="")
-    args = p.parse_args(argv[1:])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    kinds = [k for k in args.kinds.split(",") if k]
-    if not kinds or any(k not in VIOLATIONS for k in kinds):
-        p.error(f"--kinds: {args.kinds!r} must list some of {', '.join(VIOLATIONS)}")
-    result = benchmark(args.workdir, video_workdir=args.video_workdir, split=args.split, clips=args.clips,
-                       length=args.length, jump=args.jump, kinds=kinds, output=args.output)
+    """`python -m jepa.surprise benchmark --workdir=RUN [--flags] [--config.FIELD=VALUE ...]` (argv: the arguments
+    after the program name); returns the result."""
+    from absl import flags
+
+    from jepa import cli
+    with cli.flag_scope():
+        workdir, config = cli.define_run_config(argv, "a world-model run (configs/world_model.py)")
+        video = flags.DEFINE_string("video_workdir", "", "a V-JEPA pretraining run (its predictor is scored too)")
+        split = flags.DEFINE_string("split", "test", "world dataset split the clips come from")
+        clips = flags.DEFINE_integer("clips", 60, "clips (one per episode)", lower_bound=1)
+        length = flags.DEFINE_integer("length", 8, "frames per clip", lower_bound=2)
+        jump = flags.DEFINE_integer("jump", 8, "teleport: frames skipped", lower_bound=1)
+        kinds = flags.DEFINE_list("kinds", list(VIOLATIONS), "violations, a comma list of " + ", ".join(VIOLATIONS))
+        output = flags.DEFINE_string("output", "", "write surprise_benchmark.json here")
+        cli.parse(argv, commands=("benchmark",), command_required=True, required=("workdir",))
+        if not kinds.value or any(k not in VIOLATIONS for k in kinds.value):
+            raise cli.UsageError(f"--kinds: {','.join(kinds.value)!r} must list some of {', '.join(VIOLATIONS)}")
+        result = benchmark(workdir.value, video_workdir=video.value, split=split.value, clips=clips.value,
+                           length=length.value, jump=jump.value, kinds=kinds.value, output=output.value,
+                           config=config.value, progress=True)
     print(json.dumps(result["auroc"], indent=1))
     return result
 
 
+def run() -> None:
+    """Entry of `python -m jepa.surprise` and the `jepa-surprise` console script."""
+    from jepa import cli
+    cli.run(main, __doc__)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -29,6 +29,7 @@ from jepa import config as config_lib
 from jepa import evaluators as evaluators_lib
 from jepa import metrics as metrics_lib
 from jepa import models, objectives, optim, sharding
+from jepa import workdir as workdir_lib
 from jepa.data import pipeline
 
 PREEMPTED_EXIT_CODE = 42  # SIGTERM: checkpoint saved, run can be resumed with the same command
@@ -80,6 +81,7 @@ class Run:
     state_shardings: Any
     init_state: Callable   # rng -> train state, created already sharded
     train_step: Callable   # (state, batch) -> (state, metrics); pure, state donated
+    check_state: Callable  # (state, batch) -> (its loss, all parameters finite); run before every save
 
 
 def build_run(config, mesh) -> Run:
@@ -117,21 +119,31 @@ def build_run(config, mesh) -> Run:
         new_state = {"params": params, "ema": ema, "opt": opt_state, "step": state["step"] + 1}
         return new_state, metrics
 
+    def check_state(state, batch):
+        """A state's own loss (on the first micro-batch of the batch it was just trained on) and whether all its
+        parameters are finite: a state is saved only when both are, so a diverged state is never "last good"."""
+        micro = jax.tree.map(lambda x: x[:x.shape[0] // num_micro], batch)
+        loss, _ = objective.loss(state["params"], state["ema"], micro, state["step"])
+        leaves = jax.tree.leaves((state["params"], state["ema"]))
+        return loss, jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in objective.data_keys()}
     return Run(
         grid=grid, objective=objective, abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_state, out_shardings=state_shardings),
         train_step=jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
-                           out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0))
+                           out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0),
+        check_state=jax.jit(check_state, in_shardings=(state_shardings, batch_shardings),
+                            out_shardings=sharding.replicated(mesh)))
 
 
 def adopt_encoder_config(config) -> None:
     """World-model runs (config.encoder_from set): take the frozen encoder's architecture from the pretraining
     run's config.json, so the world-model config never has to repeat it."""
-    if not config.get("encoder_from"):
+    if not config.encoder_from:
         return
-    from jepa.export import load_run_config
-    pre = load_run_config(config.encoder_from)
+    from jepa import runs
+    pre = runs.load_config(config.encoder_from)
     with config.unlocked():
         config.model.encoder = pre.model.encoder
         config.model.rope_layout = pre.model.rope_layout
@@ -141,142 +153,212 @@ def adopt_encoder_config(config) -> None:
 def load_frozen_encoder(config, state, mesh):
     """Puts the pretraining run's EMA encoder (config.encoder_from) into the state's target slot, unless
     config.encoder_weights is "random" (the baseline world model on an untrained encoder)."""
-    if not config.get("encoder_from") or config.encoder_weights == "random":
+    if not config.encoder_from or config.encoder_weights == "random":
         return state
-    from jepa.export import load_encoder_params
-    encoder, step = load_encoder_params(config.encoder_from, config, mesh=mesh)
+    from jepa import runs
+    encoder, step = runs.load_encoder(config.encoder_from, config, weights="ema", mesh=mesh)
     logging.info("frozen encoder: EMA weights of %s at step %d", config.encoder_from, step)
     return {**state, "ema": jax.device_put(encoder, jax.tree.map(lambda x: x.sharding, state["ema"]))}
+
+
+def fresh_state(config, run: Run, mesh):
+    """The state of a run with no checkpoint: initialised, with the frozen encoder (world model) or another run's
+    weights (train.init_from) put in."""
+    state = load_frozen_encoder(config, run.init_state(jax.random.PRNGKey(config.seed)), mesh)
+    if config.train.init_from:
+        from jepa import runs
+        # not the optimiser state; restored straight onto the trainer's layout
+        other, other_step = runs.load_state_parts(config.train.init_from, ["params", "ema"],
+                                                  target=run.abstract_state)
+        state = {**state, "params": other["params"], "ema": other["ema"]}
+        logging.info("initialised weights from %s (step %d)", config.train.init_from, other_step)
+    return state
+
+
+def lock_workdir(workdir: str) -> workdir_lib.WorkdirLock | None:
+    """Process 0 takes the workdir's lock; every process fails when it cannot (see jepa/workdir.py)."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        lock = workdir_lib.WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except workdir_lib.WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            raise workdir_lib.WorkdirLockedError(f"workdir {workdir} is in use by another run (see process 0)")
+    if error is not None:
+        raise error
+    return lock
+
+
+class _CompileCounter:
+    """Counts traces of the jitted train step through JAX's monitoring events: after the first step, another one
+    means the step was recompiled (new input shapes or dtypes)."""
+
+    count = 0
+    _registered = False
+
+    @classmethod
+    def start(cls) -> None:
+        if not cls._registered:
+            jax.monitoring.register_event_duration_secs_listener(cls._listen)
+            cls._registered = True
+
+    @classmethod
+    def _listen(cls, event: str, duration: float, **kwargs) -> None:
+        del duration
+        if event == "/jax/core/compile/jaxpr_trace_duration" and kwargs.get("fun_name") == "train_step":
+            cls.count += 1
 
 
 def train(config, workdir: str) -> TrainResult:
     adopt_encoder_config(config)
     config_lib.validate(config)
     setup_runtime(config)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-    # ------------------------------------------------------------ mesh
-    mesh = sharding.make_mesh(config.mesh)
-    logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
-                 jax.devices()[0].device_kind, jax.process_count())
-
-    # ------------------------------------------------------------ model, state layout and train step
-    run = build_run(config, mesh)
-    abstract_state, train_step = run.abstract_state, run.train_step
-    total_steps = config.train.total_steps
-    num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
-    num_params["target encoder"] = sum(x.size for x in jax.tree.leaves(abstract_state["ema"]))
-    logging.info("parameters (M): %s", ", ".join(f"{k} {v / 1e6:.2f}" for k, v in num_params.items()))
-
-    # ------------------------------------------------------------ data
-    # Process 0 first: it prepares (generates) a missing world dataset; the others wait, then only read it.
-    if is_main:
-        pipeline.check_sources(config)
-    sharding.sync("jepa: data sources ready")
-    if not is_main:
-        pipeline.check_sources(config)
-    dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), train=True,
-                                      masks=run.objective.needs_masks)
-    data_iter = iter(dataset)
-    keys = run.objective.data_keys()
-
-    # ------------------------------------------------------------ checkpoints: resume, init_from, or fresh
-    checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.train.checkpoint_every,
-                                         keep=config.train.keep_checkpoints)
-    last_good = checkpointer.latest_step()
-    if last_good is not None:
-        state = checkpointer.restore(last_good, abstract_state, data_iter)
-        logging.info("resumed from %s at step %d", checkpointer.directory, last_good)
-    else:
-        state = load_frozen_encoder(config, run.init_state(jax.random.PRNGKey(config.seed)), mesh)
-        if config.train.init_from:
-            weights = {"params": abstract_state["params"], "ema": abstract_state["ema"]}  # not the optimiser
-            other, other_step = ckpt_lib.load_state(config.train.init_from, weights, partial=True)
-            state = {**state, "params": other["params"], "ema": other["ema"]}
-            logging.info("initialised weights from %s (step %d)", config.train.init_from, other_step)
-
-    # ------------------------------------------------------------ loop
-    start_step = int(jax.device_get(state["step"]))
-    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    evaluators = evaluators_lib.build(config, mesh, run.objective)  # config.evals: periodic kNN / probes
-    timer = metrics_lib.StepTimer()
-    width = models.resolved_dims(config.model)["encoder"]["width"]
-    monitor = metrics_lib.CollapseMonitor(min_rank=config.train.collapse_warn_rank * width)
-    step_flops = run.objective.step_flops(config)
-    peak = metrics_lib.device_peak_flops(jax.devices()[0], jnp.dtype(config.model.dtype),
-                                         override=config.train.peak_flops)
-    progress = metrics_lib.ProgressLine(total_steps, clips_per_step=config.train.global_batch_size,
-                                        flops_per_step=step_flops, peak_flops_per_device=peak,
-                                        num_devices=jax.device_count(), timer=timer)
-    logging.info("analytic model FLOPs per step %.4g; peak per device %.4g FLOP/s", step_flops, peak)
-
-    # Preemption: one process keeps its own SIGTERM flag. Several processes must stop at the same step, so
-    # there JAX's preemption sync manager (it receives SIGTERM on any process) picks the step: Orbax's
-    # reached_preemption(step) turns true on every process at once.
+    # SIGTERM from here on (compilation and data start-up included) ends the run cleanly with PREEMPTED_EXIT_CODE.
+    # One process keeps its own flag. Several processes must stop at the same step, so there JAX's preemption sync
+    # manager (it receives SIGTERM on any process) picks the step: Orbax's reached_preemption(step) turns true on
+    # every process at once.
     multi_process = jax.process_count() > 1
     preempted = {"flag": False}
     previous_handler = (signal.getsignal(signal.SIGTERM) if multi_process else
                         signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)))
+    is_main = jax.process_index() == 0
+    lock = data_iter = checkpointer = writer = profiling = None
+    try:
+        lock = lock_workdir(workdir)
+        if is_main:
+            (workdir_lib.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
-    end_step = min(total_steps, config.train.stop_at or total_steps)
-    losses: list[float] = []
-    pending = None  # (step, metrics on device, host info) of the step before: checked one step late
-    skipped_total = 0
-    compiled_cache_size = None
+        def leave_if_preempted(where: str) -> None:
+            if preempted["flag"]:
+                logging.warning("SIGTERM during start-up (%s): nothing new to save; exiting with code %d", where,
+                                PREEMPTED_EXIT_CODE)
+                raise SystemExit(PREEMPTED_EXIT_CODE)
 
-    def finish_step(entry):
-        step, metrics, host = entry
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        loss = metrics["loss"]
-        if not math.isfinite(loss):
+        # -------------------------------------------------------- mesh
+        mesh = sharding.make_mesh(config.mesh)
+        logging.info("mesh %s over %d devices (%s), %d process(es)", dict(mesh.shape), mesh.size,
+                     jax.devices()[0].device_kind, jax.process_count())
+
+        # -------------------------------------------------------- model, state layout and train step
+        run = build_run(config, mesh)
+        abstract_state, train_step = run.abstract_state, run.train_step
+        total_steps = config.train.total_steps
+        num_params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract_state["params"].items()}
+        num_params["target encoder"] = sum(x.size for x in jax.tree.leaves(abstract_state["ema"]))
+        logging.info("parameters (M): %s", ", ".join(f"{k} {v / 1e6:.2f}" for k, v in num_params.items()))
+
+        # -------------------------------------------------------- data
+        # Process 0 first: it prepares (generates) a missing world dataset; the others wait, then only read it.
+        if is_main:
+            pipeline.check_sources(config)
+        sharding.sync("jepa: data sources ready")
+        if not is_main:
+            pipeline.check_sources(config)
+        dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
+                                          process_count=jax.process_count(), train=True,
+                                          masks=run.objective.needs_masks)
+        data_iter = iter(dataset)
+        keys = run.objective.data_keys()
+        leave_if_preempted("data pipeline")
+
+        # -------------------------------------------------------- checkpoints: resume, init_from, or fresh
+        checkpointer = ckpt_lib.Checkpointer(workdir, save_every=config.train.checkpoint_every,
+                                             keep=config.train.keep_checkpoints,
+                                             fallback=config.train.checkpoint_fallback)
+        resumed = checkpointer.restore_latest(abstract_state, data_iter)
+        if resumed is not None:
+            state, last_good = resumed
+            logging.info("resumed from %s at step %d", checkpointer.directory, last_good)
+        else:
+            state, last_good = fresh_state(config, run, mesh), None
+        leave_if_preempted("state restored")
+
+        # -------------------------------------------------------- loop
+        start_step = int(jax.device_get(state["step"]))
+        writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start_step=start_step)
+        evaluators = evaluators_lib.build(config, mesh, run.objective)  # config.evals: periodic kNN / probes
+        timer = metrics_lib.StepTimer()
+        width = models.resolved_dims(config.model)["encoder"]["width"]
+        monitor = metrics_lib.CollapseMonitor(min_rank=config.train.collapse_warn_rank * width)
+        step_flops = run.objective.step_flops(config)
+        peak = metrics_lib.device_peak_flops(jax.devices()[0], jnp.dtype(config.model.dtype),
+                                             override=config.train.peak_flops)
+        progress = metrics_lib.ProgressLine(total_steps, clips_per_step=config.train.global_batch_size,
+                                            flops_per_step=step_flops, peak_flops_per_device=peak,
+                                            num_devices=jax.device_count(), timer=timer)
+        logging.info("analytic model FLOPs per step %.4g; peak per device %.4g FLOP/s", step_flops, peak)
+        profile_start, profile_steps = (int(v) for v in config.train.profile_steps)
+
+        end_step = min(total_steps, config.train.stop_at or total_steps)
+        losses: list[float] = []
+        pending = None  # (step, metrics on device, host info) of the step before: checked one step late
+
+        def stop_diverged(step: int, what: str):
             where = (f"step {last_good} in {checkpointer.directory}" if last_good is not None
                      else "none (no checkpoint was saved yet)")
-            raise NonFiniteLossError(f"loss is {loss} at step {step}; last good checkpoint: {where}")
-        losses.append(loss)
-        if step % run.objective.diagnostics_every == 0:  # see objectives.vjepa.gated_representation_stats
-            monitor.update(step, effective_rank=metrics["repr/effective_rank"], std=metrics["repr/std"])
-        else:  # the step computed no diagnostics (zeros): log none
-            metrics = {k: v for k, v in metrics.items() if not k.startswith("repr/")}
-        if step % config.train.log_every == 0 or step == end_step:
-            metrics.update(host, **progress.stats())
-            writer.write(step, metrics)
-            logging.info(progress.line(step, metrics))
+            raise NonFiniteLossError(f"{what} at step {step}; last good checkpoint: {where}")
 
-    step = start_step
-    loop_start = time.perf_counter()
-    try:
+        def finish_step(entry):
+            step, metrics, host = entry
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            loss = metrics["loss"]
+            if not math.isfinite(loss):
+                stop_diverged(step, f"loss is {loss}")
+            losses.append(loss)
+            if step % run.objective.diagnostics_every == 0:  # see objectives.vjepa.gated_representation_stats
+                monitor.update(step, effective_rank=metrics["repr/effective_rank"], std=metrics["repr/std"])
+            else:  # the step computed no diagnostics (zeros): log none
+                metrics = {k: v for k, v in metrics.items() if not k.startswith("repr/")}
+            if step % config.train.log_every == 0 or step == end_step:
+                metrics.update(host, **progress.stats())
+                writer.write(step, metrics)
+                logging.info(progress.line(step, metrics))
+
+        step = start_step
+        loop_start = time.perf_counter()
+        _CompileCounter.start()
+        traces = None
         while step < end_step:
+            if profile_steps and step == profile_start:
+                profiling = writer.tensorboard_dir
+                jax.profiler.start_trace(profiling)
             with timer.waiting():
                 local = next(data_iter)
-            skipped_total += int(np.sum(local.get("skipped", 0)))
             batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
             state, metrics = train_step(state, batch)
             step += 1
-            cache_size = train_step._cache_size()
-            if compiled_cache_size is None:
-                compiled_cache_size = cache_size
-            elif cache_size != compiled_cache_size:
-                logging.warning("train step recompiled at step %d (%d compiled versions): input shapes or "
-                                "dtypes changed", step, cache_size)
-                compiled_cache_size = cache_size
+            if traces is None:
+                traces = _CompileCounter.count
+            elif _CompileCounter.count != traces:
+                logging.warning("train step recompiled at step %d: input shapes or dtypes changed", step)
+                traces = _CompileCounter.count
             if pending is not None:
                 finish_step(pending)
-            pending = (step, metrics, {"data/skipped_total": skipped_total})
+            pending = (step, metrics, {"data/skipped_total": data_iter.skipped_total})
             if multi_process and checkpointer.reached_preemption(step):
                 preempted["flag"] = True
             timer.step()
             if step == start_step + 1:
                 timer.reset()  # the first step includes compilation
                 logging.info("first step (compile + run) took %.1f s", time.perf_counter() - loop_start)
+            if profiling and step == profile_start + profile_steps:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                logging.info("profile of steps %d-%d written to %s", profile_start + 1, step, profiling)
+                profiling = None
             evaluators_lib.run_due(evaluators, step, state["ema"], writer, timer)  # those with step % every == 0
             if step % config.train.checkpoint_every == 0 or step == end_step or preempted["flag"]:
-                finish_step(pending)  # never checkpoint a state whose loss is not finite
+                finish_step(pending)  # never checkpoint a state whose loss is not finite...
                 pending = None
+                own_loss, finite = (float(v) for v in jax.device_get(run.check_state(state, batch)))
+                if not (finite and math.isfinite(own_loss)):  # ...nor one whose own next loss is not
+                    stop_diverged(step, f"the new state diverged (its own loss on its batch is {own_loss}"
+                                        f"{'' if finite else ', some parameters are not finite'}; not saved)")
                 checkpointer.save(step, state, data_iter, force=True)
                 last_good = step
             if preempted["flag"]:
@@ -289,13 +371,17 @@ def train(config, workdir: str) -> TrainResult:
     finally:
         if not multi_process:
             signal.signal(signal.SIGTERM, previous_handler)
-        checkpointer.close()
-        writer.close()
-        close = getattr(data_iter, "close", None)
-        if close is not None:
-            close()
-    if skipped_total:
-        logging.warning("%d unreadable clips were skipped during this run (see warnings above)", skipped_total)
+        if profiling:
+            jax.profiler.stop_trace()
+        for closable in (checkpointer, writer, data_iter):
+            close = getattr(closable, "close", None)
+            if close is not None:
+                close()
+        if lock is not None:
+            lock.release()
+    if data_iter.skipped_total:
+        logging.warning("%d unreadable clips were skipped so far in this run (counted across resumes; see the "
+                        "warnings naming them)", data_iter.skipped_total)
     return TrainResult(losses=losses, final_step=step, workdir=workdir)
 
 
@@ -307,12 +393,20 @@ def training_flops(config, grid=None) -> float:
 # ---------------------------------------------------------------- command line
 
 
-def main(argv) -> None:
-    del argv
+def main(argv=None) -> TrainResult:
+    """`python -m jepa.train --config=FILE[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]` (argv: the arguments
+    after the program name; default sys.argv[1:]). Prints the final step and loss as one JSON line."""
     from absl import flags
-    config = flags.FLAGS.config
-    result = train(config, flags.FLAGS.workdir)
+
+    from jepa import cli
+    with cli.flag_scope():
+        config = cli.define_config_file(argv)
+        workdir = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and TensorBoard files go; a "
+                                      "workdir with checkpoints resumes from the latest")
+        cli.parse(argv, required=("config", "workdir"))
+        result = train(config.value, workdir.value)
     print(json.dumps({"final_step": result.final_step, "final_loss": result.losses[-1] if result.losses else None}))
+    return result
 
 
 # Read by glibc and OpenBLAS only when a process starts. Measured on the quick-start CPU step
@@ -327,20 +421,22 @@ PROCESS_ENV = {
 
 
 def relaunch_with_process_env(module: str = "jepa.train") -> None:
-    """Re-executes this command once with PROCESS_ENV set (values the user set win; JEPA_ENV_SET=1 skips)."""
+    """Re-executes this command once as `python -m MODULE ARGS` with PROCESS_ENV set (values the user set win;
+    JEPA_ENV_SET=1 skips). Help requests skip it too: they start no step worth tuning."""
     import sys
-    if os.environ.get("JEPA_ENV_SET") or sys.platform != "linux":
+    if os.environ.get("JEPA_ENV_SET") or sys.platform != "linux" or \
+            any(a in ("--help", "--helpfull", "--helpshort", "-h", "-?") for a in sys.argv[1:]):
         return
     env = {**PROCESS_ENV, **os.environ, "JEPA_ENV_SET": "1"}
     os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Entry of `python -m jepa.train` and the `jepa-train` console script."""
+    from jepa import cli
     relaunch_with_process_env()
-    from absl import app, flags
-    from ml_collections import config_flags
+    cli.run(main, __doc__)
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py[:arg]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and TensorBoard files go.")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+
+if __name__ == "__main__":
+    run()

@@ -11,7 +11,6 @@ same mechanism multi-host jobs use, minus the network.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -83,29 +82,34 @@ def wait(procs: list[subprocess.Popen], timeout: float | None = None) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num_processes", type=int, default=2)
-    parser.add_argument("--devices_per_process", type=int, default=1)
-    parser.add_argument("--port", type=int, default=0, help="coordinator port (0: a free one)")
-    parser.add_argument("--log_dir", default="", help="default: WORKDIR/logs from --workdir=, else ./logs")
-    parser.add_argument("--timeout", type=float, default=None)
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. python -m jepa.train ...")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        parser.error("no command given (put it after --)")
-    log_dir = args.log_dir
-    if not log_dir:
-        workdir = next((a.split("=", 1)[1] for a in command if a.startswith("--workdir=")), ".")
-        log_dir = os.path.join(workdir, "logs")
-    procs = launch(command, args.num_processes, args.devices_per_process, log_dir, args.port)
-    # Forward SIGTERM to every process (a preemption of the launcher preempts the job).
-    signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
-    code = wait(procs, args.timeout)
-    print(f"launch/local.py: {args.num_processes} process(es) finished with exit code {code}; logs in {log_dir}",
-          file=sys.stderr)
+    """`python launch/local.py [--flags] -- COMMAND...` (argv: the arguments after the program name)."""
+    from absl import flags
+
+    from jepa import cli
+    with cli.flag_scope():
+        num_processes = flags.DEFINE_integer("num_processes", 2, "processes to start")
+        devices = flags.DEFINE_integer("devices_per_process", 1, "simulated CPU devices per process")
+        port = flags.DEFINE_integer("port", 0, "coordinator port (0: a free one)")
+        timeout = flags.DEFINE_float("timeout", None, "seconds before the processes are killed (default: none)")
+        args = list(sys.argv[1:] if argv is None else argv)
+        split = args.index("--") if "--" in args else len(args)
+        command = args[split + 1:]
+        cli.parse(args[:split])
+        if not command:
+            raise cli.UsageError("no command given (put it after --)")
+        logs = flags.FLAGS.log_dir  # absl's own flag: default WORKDIR/logs from the command's --workdir, else ./logs
+        if not logs:
+            workdir = cli.flag_value(command, "workdir") or "."
+            logs = os.path.join(workdir, "logs")
+        procs = launch(command, num_processes.value, devices.value, logs, port.value)
+        # Forward SIGTERM to every process (a preemption of the launcher preempts the job).
+        signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None])
+        code = wait(procs, timeout.value)
+        print(f"launch/local.py: {num_processes.value} process(es) finished with exit code {code}; logs in {logs}",
+              file=sys.stderr)
     return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jepa import cli
+    cli.run(main, __doc__)

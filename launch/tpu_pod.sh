@@ -25,7 +25,7 @@ run() { if [[ "${DRY_RUN:-0}" == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; 
 
 SSH=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" "${GCLOUD_EXTRA[@]}" --worker=all)
 run gcloud compute tpus tpu-vm scp --recurse "$REPO" "$TPU_NAME:~/$REMOTE_DIR" --zone="$ZONE" "${GCLOUD_EXTRA[@]}" --worker=all
-run "${SSH[@]}" --command="cd ~/$REMOTE_DIR && pip install -q -e . 'jax[tpu]'"
+run "${SSH[@]}" --command="cd ~/$REMOTE_DIR && pip install -q -e '.[tpu]'"  # JAX's TPU build, pinned like the CPU one
 # Same command on all workers; logs per worker in ~/jepa_train.log.
 run "${SSH[@]}" --command="cd ~/$REMOTE_DIR && export TPU_STDERR_LOG_LEVEL=1 TPU_MIN_LOG_LEVEL=1 && \
   python -m jepa.train${TRAIN_ARGS} --config.distributed.mode=on 2>&1 | tee ~/jepa_train.log"

@@ -61,12 +61,16 @@ def read_index(frame: np.ndarray, bits: int = 8) -> int:
 
 
 def write_video(path, frames, *, fps: float = 25, codec: str = "h264", pix_fmt: str | None = None,
-                gop: int | None = None, times=None, crf: int | None = None, faststart: bool = False) -> str:
+                gop: int | None = None, times=None, crf: int | None = None, faststart: bool = False,
+                fragmented: bool = False, hidden: int = 0, audio_seconds: float = 0.0) -> str:
     """Encodes uint8 frames [T,H,W,3] (or [T,H,W] grey) to `path`; the container comes from the suffix.
 
     gop: keyframe interval (small values make seeking matter in short test videos). times: per-frame timestamps in
     seconds for variable frame rate. crf: x264/x265 quality (default: near-lossless 12 for clean test codes).
-    faststart: mp4 index at the front (so a cut file still opens).
+    faststart: mp4 index at the front (so a cut file still opens). fragmented: mp4 as moof/mdat fragments after an
+    empty moov (DASH/streaming style; no frame count in the header). hidden: the first `hidden` frames get negative
+    timestamps, so the mp4 muxer writes an edit list that hides them while the header still counts them (as cameras
+    and editors trimming a B-frame delay do). audio_seconds: add a silent AAC (Opus in webm) track that long.
     """
     frames = np.asarray(frames, np.uint8)
     if frames.ndim == 3:
@@ -93,10 +97,18 @@ def write_video(path, frames, *, fps: float = 25, codec: str = "h264", pix_fmt: 
     if enc in ("libvpx-vp9", "libvpx"):
         options.update({"crf": "10", "b": "0", "deadline": "realtime", "cpu-used": "8"})
     container_options = {"movflags": "+faststart"} if faststart else {}
+    if fragmented:
+        container_options = {"movflags": "frag_keyframe+empty_moov"}
     out = av.open(str(path), mode="w", options=container_options)
     try:
         rate = Fraction(fps).limit_denominator(1001)
         stream = out.add_stream(enc, rate=rate, options=options)
+        audio = None
+        if audio_seconds:   # streams must all exist before the first packet is written
+            audio = out.add_stream("libopus" if str(path).endswith(".webm") else "aac", rate=48000)
+        if hidden and times is not None:
+            raise ValueError("hidden frames need a constant frame rate (times=None)")
+        shift = Fraction(int(hidden)) / rate
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         if enc in ("mpeg4", "mjpeg"):
             stream.codec_context.qmax = 3     # near-lossless: bar codes stay crisp
@@ -113,17 +125,72 @@ def write_video(path, frames, *, fps: float = 25, codec: str = "h264", pix_fmt: 
             if times is not None:
                 frame.pts = int(round(times[i] * 1000))
                 frame.time_base = Fraction(1, 1000)
-            _mux(out, stream, frame)
+            _mux(out, stream, frame, shift)
+        _mux(out, stream, None, shift)
+        if audio is not None:
+            _silence(out, audio, audio_seconds)
+    finally:
+        out.close()
+    return str(path)
+
+
+def _mux(out, stream, frame, shift: Fraction = Fraction(0)) -> None:
+    """Encodes one frame (None flushes the encoder) and writes its packets, `shift` seconds earlier."""
+    for packet in stream.encode(frame):
+        if shift:
+            ticks = round(shift / packet.time_base)
+            packet.pts, packet.dts = packet.pts - ticks, packet.dts - ticks
+        out.mux(packet)
+
+
+def _silence(out, stream, seconds: float) -> None:
+    """Writes `seconds` of mono silence to the audio `stream` (after the video: muxers interleave by time)."""
+    rate, size = stream.codec_context.sample_rate, 960
+    for j in range(int(np.ceil(seconds * rate / size))):
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, size), np.float32), format="flt", layout="mono")
+        frame.sample_rate, frame.pts = rate, j * size
+        _mux(out, stream, frame)
+    _mux(out, stream, None)
+
+
+def write_avi_with_drops(path, frames, dropped, *, fps: float = 25) -> str:
+    """An MJPEG .avi where the frames numbered in `dropped` are empty chunks, as capture software stores frames it
+    dropped: the header counts them and their timestamps advance, but the demuxer yields no packet for them."""
+    frames = np.asarray(frames, np.uint8)
+    out = av.open(str(path), mode="w")
+    try:
+        stream = out.add_stream("mjpeg", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuvj420p"
+        stream.codec_context.qmax = 3
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                if i in dropped:
+                    empty = av.Packet(b"")
+                    empty.pts, empty.dts, empty.time_base = packet.pts, packet.dts, packet.time_base
+                    empty.stream = stream
+                    packet = empty
+                out.mux(packet)
         _mux(out, stream, None)
     finally:
         out.close()
     return str(path)
 
 
-def _mux(out, stream, frame) -> None:
-    """Encodes one frame (None flushes the encoder) and writes its packets."""
-    for packet in stream.encode(frame):
-        out.mux(packet)
+def cut_file(path, dst, frame: int, *, inside: bool = False) -> str:
+    """Copies `path` to `dst` cut where the data of video frame `frame` (presentation order) begins, or halfway
+    through it with inside=True: a download that stopped early. Headers written before the frame data (mp4 with
+    faststart, mkv/webm, avi) survive, so the cut file still opens and still declares the lost frames."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = sorted((p.pts, p.pos, p.size) for p in container.demux(stream) if p.size)
+    _, pos, size = packets[frame]
+    data = open(path, "rb").read()
+    with open(dst, "wb") as f:
+        f.write(data[:pos + (size // 2 if inside else 0)])
+    return str(dst)
 
 
 def write_image(path, image) -> str:

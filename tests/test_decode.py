@@ -1,6 +1,7 @@
 """Decoding with real media written by PyAV: frame-exact seeking per codec, resizing, images, VFR, bad files."""
 import os
 
+import av
 import media
 import numpy as np
 import pytest
@@ -55,14 +56,15 @@ def test_resize_portrait_keeps_aspect(tmp_path):
     assert clip.shape == (2, 40, 20, 3)
 
 
-def test_short_video_repeats_last_frame(tmp_path):
+def test_short_video_repeats_last_frame_through_sampling(tmp_path):
     for n in (1, 2, 3):
         path = media.write_video(tmp_path / f"short{n}.mp4", media.index_frames(n, 32, 48), codec="h264")
-        assert D.probe(path)["num_frames"] == n
-        idx = D.sample_frame_indices(n, 8, 2, np.random.default_rng(0))
-        clip = D.decode_frames(path, np.arange(8) * 2)   # all past the end except the first ones
-        assert [media.read_index(f) for f in clip] == [min(i, n - 1) for i in np.arange(8) * 2]
+        assert D.probe(path, verify=True)["num_frames"] == n
+        idx = D.sample_frame_indices(n, 8, 2, np.random.default_rng(0))   # clamped to the last frame
         assert idx.max() == n - 1
+        assert [media.read_index(f) for f in D.decode_frames(path, idx)] == idx.tolist()
+        with pytest.raises(D.DecodeError, match=f"frame {n + n % 2} is past the end of the video \\({n} frames\\)"):
+            D.decode_frames(path, np.arange(8) * 2)   # asking past the end is an error, not a frozen clip
 
 
 @pytest.mark.parametrize("ext,codec", [("mp4", "h264"), ("webm", "vp9"), ("mkv", "mpeg4")])
@@ -73,8 +75,10 @@ def test_variable_frame_rate_indexes_by_frame_order(tmp_path, frames, ext, codec
     info = D.probe(path)
     assert info["num_frames"] == N
     assert info["duration"] == pytest.approx(times[-1], abs=0.15)
-    idx = np.array([5, 17, 40, 41, 59, 70])
-    assert [media.read_index(f) for f in D.decode_frames(path, idx)] == [5, 17, 40, 41, 59, 59]
+    idx = np.array([5, 17, 40, 41, 59, 59])
+    assert [media.read_index(f) for f in D.decode_frames(path, idx)] == idx.tolist()
+    with pytest.raises(D.DecodeError, match="vfr"):
+        D.decode_frames(path, [59, 70])
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp"])
@@ -118,6 +122,122 @@ def test_bad_files_raise_decode_error_naming_file(bad_files, kind):
             data = f.read()
         with pytest.raises(D.DecodeError, match=os.path.basename(path)):
             D.read_record_clip({"path": path, "video": data}, [0])
+
+
+# ------------------------------------------------------------------------------------------- truncated files
+
+CUTS = [("h264", "mp4", False), ("hevc", "mp4", True), ("mpeg4", "mp4", True), ("mjpeg", "avi", False),
+        ("vp9", "webm", False), ("h264", "mkv", True)]
+
+
+@pytest.fixture(scope="module")
+def cut_videos(tmp_path_factory, frames):
+    """Downloads that stopped at frame 30 of 60 (inside=True: halfway through that frame's data). The headers sit
+    before the frame data (mp4 with faststart, avi, mkv/webm), so the files open and still declare 60 frames."""
+    d = tmp_path_factory.mktemp("cut")
+    out = {}
+    for codec, ext, inside in CUTS:
+        whole = media.write_video(d / f"whole_{codec}.{ext}", frames, codec=codec, gop=8, faststart=ext == "mp4")
+        out[f"{codec}.{ext}"] = media.cut_file(whole, d / f"cut_{codec}.{ext}", 30, inside=inside)
+    return out
+
+
+@pytest.mark.parametrize("key", [f"{c}.{e}" for c, e, _ in CUTS])
+def test_window_past_the_cut_raises_instead_of_repeating_the_last_frame(cut_videos, key):
+    path = cut_videos[key]
+    assert [media.read_index(f) for f in D.decode_frames(path, [3, 12, 20])] == [3, 12, 20]   # before the cut
+    data = open(path, "rb").read()
+    for idx in ([20, 36, 52], [50, 55, 59]):   # across the cut; wholly past it
+        for record in ({"path": path}, {"video": data, "path": path}):   # the file, or its bytes in a dataset
+            with pytest.raises(D.DecodeError, match="truncated|failed to decode") as e:
+                D.read_record_clip(record, idx)
+            assert os.path.basename(path) in str(e.value)
+
+
+@pytest.mark.parametrize("key", [f"{c}.{e}" for c, e, _ in CUTS])
+def test_verify_reports_cut_files(cut_videos, key):
+    path = cut_videos[key]
+    with pytest.raises(D.DecodeError, match="truncated") as e:
+        D.probe(path, verify=True)
+    assert os.path.basename(path) in str(e.value)
+    if key.endswith(("mkv", "webm")):   # no frame count in the header: plain probe reads every packet, and checks
+        with pytest.raises(D.DecodeError, match="ends at 1.2.? s of the 2.40 s the container declares"):
+            D.probe(path)
+
+
+def test_verify_decodes_the_end(tmp_path, frames):
+    """A file whose last group of pictures is garbage (the frame count intact) passes probe, not verification."""
+    path = media.write_video(tmp_path / "bad_end.mp4", frames, codec="h264", gop=8)
+    with av.open(path) as container:
+        keys = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size and p.is_keyframe]
+    pos, size = keys[-1]
+    data = bytearray(open(path, "rb").read())
+    data[pos:pos + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
+    open(path, "wb").write(bytes(data))
+    assert D.probe(path)["num_frames"] == N
+    with pytest.raises(D.DecodeError, match="bad_end.mp4: truncated or damaged: the end of the video does not decode"):
+        D.probe(path, verify=True)
+
+
+@pytest.fixture(scope="module")
+def more_healthy(tmp_path_factory, frames):
+    """Healthy files whose headers differ from the plain case: counted frames that never show (an edit list),
+    no frame count (fragmented mp4, MPEG-TS, Matroska), an audio track longer than the video, variable frame rate."""
+    d = tmp_path_factory.mktemp("healthy")
+    times = np.concatenate([[0.0], np.cumsum(np.random.default_rng(1).choice([0.02, 0.05, 0.1], N - 1))])
+    return {
+        "hidden.mp4": media.write_video(d / "hidden.mp4", media.index_frames(N + 2, H, W), gop=8, hidden=2),
+        "fragmented.mp4": media.write_video(d / "fragmented.mp4", frames, gop=8, fragmented=True),
+        "h264.ts": media.write_video(d / "v.ts", frames, gop=8),
+        "audio.mkv": media.write_video(d / "audio.mkv", frames, gop=8, audio_seconds=4.0),
+        "audio.webm": media.write_video(d / "audio.webm", frames, codec="vp9", gop=8, audio_seconds=4.0),
+        "audio.mp4": media.write_video(d / "audio.mp4", frames, gop=8, audio_seconds=4.0, faststart=True),
+        "vfr.webm": media.write_video(d / "vfr.webm", frames, codec="vp9", gop=8, times=times),
+        "one.mkv": media.write_video(d / "one.mkv", frames[:1]),
+    }
+
+
+@pytest.mark.parametrize("key", ["h264.mp4", "mpeg4.mp4", "vp9.webm", "mjpeg.avi", "h264.mov", "hevc.mkv", "av1.mkv",
+                                 "hidden.mp4", "fragmented.mp4", "h264.ts", "audio.mkv", "audio.webm", "audio.mp4",
+                                 "vfr.webm", "one.mkv"])
+def test_healthy_files_pass_verification(videos, more_healthy, key):
+    path = {**videos, **more_healthy}[key]
+    info = D.probe(path, verify=True)
+    assert info == D.probe(path)
+    assert info["num_frames"] == {"hidden.mp4": N + 2, "one.mkv": 1}.get(key, N)
+    last = info["num_frames"] - 1
+    assert D.decode_frames(path, [0, last // 2, last]).shape[0] == 3
+
+
+def test_audio_track_longer_than_the_video_leaves_its_rate(more_healthy):
+    for key in ("audio.mkv", "audio.webm", "audio.mp4"):
+        info = D.probe(more_healthy[key])
+        assert info["fps"] == pytest.approx(25.0) and info["duration"] == pytest.approx(N / 25, abs=0.01), key
+
+
+def test_header_counting_hidden_frames_is_not_truncation(more_healthy):
+    """The header counts 62 frames, an edit list shows 60: the sampler may ask for frames 60 and 61, which never
+    show, and the last shown frame stands in (a couple of frames of slack); further past the end is an error."""
+    path = more_healthy["hidden.mp4"]
+    info = D.probe(path, verify=True)
+    assert info["num_frames"] == N + 2 and info["duration"] == pytest.approx(N / 25)
+    clip = D.decode_frames(path, [0, 30, N - 1, N, N + 1])
+    assert [media.read_index(f) for f in clip] == [2, 32, N + 1, N + 1, N + 1]   # frames 0 and 1 are hidden
+    with pytest.raises(D.DecodeError, match="hidden.mp4: frame 66 is past the end of the video \\(62 frames\\)"):
+        D.decode_frames(path, [N - 1, N + 6])
+
+
+def test_avi_with_dropped_frames_is_not_truncation(tmp_path, frames):
+    """Capture software stores dropped frames as empty AVI chunks: the header counts 60, 48 frames are there, and
+    their timestamps reach the end. Verification keeps the file and stores the frames that are there."""
+    dropped = set(range(2, N, 5))
+    path = media.write_avi_with_drops(tmp_path / "drops.avi", frames, dropped)
+    assert D.probe(path)["num_frames"] == N
+    info = D.probe(path, verify=True)
+    assert info["num_frames"] == N - len(dropped) and info["fps"] == pytest.approx(25.0)
+    kept = [i for i in range(N) if i not in dropped]
+    idx = [0, 1, 2, 30, 46, 47]   # positions in frame order, up to the last frame there is
+    assert [media.read_index(f) for f in D.decode_frames(path, idx)] == [kept[i] for i in idx]
 
 
 def test_missing_file_and_bad_arguments(tmp_path, videos):

@@ -13,49 +13,20 @@ import pytest
 from conftest import REPO, child_error, load_config
 
 from jepa import export as export_lib
+from jepa import objectives, runs
 
 OVERRIDES = ["--config.data.eval_mode=uniform", "--config.data.num_segments=2"]
 
 
-def test_run_config_round_trip_and_old_runs(tmp_path):
-    c = load_config("tiny")
-    c.data.crop_scale = (0.5, 1.0)
-    c.data.sources = {"a": dict(c.data.sources.world), "b": dict(c.data.sources.world, weight=2.0)}
-    saved = json.loads(c.to_json_best_effort())
-    del saved["evals"]  # a run written before the field existed
-    del saved["data"]["sources"]["a"]["episodes"]  # a world source written before the field existed
-    (tmp_path / "config.json").write_text(json.dumps(saved))
-    loaded = export_lib.load_run_config(str(tmp_path))
-    assert loaded.data.crop_scale == (0.5, 1.0)
-    assert sorted(loaded.data.sources) == ["a", "b"] and loaded.data.sources.b.weight == 2.0
-    assert loaded.data.sources.a.episodes == 0
-    assert loaded.model.encoder.width == 64 and loaded.evals.to_dict() == {}
-    expected = c.to_dict()
-    expected["evals"] = {}
-    assert json.loads(loaded.to_json_best_effort()) == json.loads(json.dumps(expected))
-
-
-def test_overrides_parse_types_and_reject_unknown_fields():
-    c = load_config("tiny")
-    export_lib.apply_overrides(c, ["--config.data.num_segments=3", "--config.data.eval_mode=uniform",
-                                   "--config.data.hflip=false", "--config.data.crop_scale=(0.2,1.0)"])
-    assert c.data.num_segments == 3 and c.data.eval_mode == "uniform" and c.data.hflip is False
-    assert c.data.crop_scale == (0.2, 1.0)
-    with pytest.raises(ValueError, match="config.data.num_segmnts does not exist"):
-        export_lib.apply_overrides(c, ["--config.data.num_segmnts=2"])
-    with pytest.raises(ValueError, match="config.data.resolution"):
-        export_lib.apply_overrides(c, ["--config.data.resolution=60"])
-
-
 def test_layers_last_is_the_encoder_output_and_intermediate_layers_stack():
     c = load_config("tiny")
-    objective = export_lib.objective_for(c)
-    params = export_lib.random_encoder_params(c)
+    encoder_def = runs.encoder_def(c)
+    params = runs.random_encoder(c)
     video = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 64, 64, 3))
-    full = objective.encode(params, video)
-    last = export_lib.encode_layers(objective, params, video, export_lib.resolve_layers([-1], 2))
+    full = objectives.build(c).encode(params, video)
+    last = export_lib.encode_layers(encoder_def, params, video, export_lib.resolve_layers([-1], 2))
     np.testing.assert_array_equal(np.asarray(full), np.asarray(last))
-    both = export_lib.encode_layers(objective, params, video, export_lib.resolve_layers([0, -1], 2))
+    both = export_lib.encode_layers(encoder_def, params, video, export_lib.resolve_layers([0, -1], 2))
     assert both.shape == (2, 256, 128)
     np.testing.assert_allclose(np.asarray(both[..., 64:]), np.asarray(full), atol=1e-5)
     assert not np.allclose(np.asarray(both[..., :64]), np.asarray(full), atol=1e-2)
@@ -69,7 +40,9 @@ def _arrays(path):
 
 
 def test_export_round_trip_and_resume(tiny_run, tmp_path):
-    kw = dict(split="train", features=("pooled", "patches"), batch_size=2, shard_size=2, overrides=OVERRIDES,
+    config = runs.load_config(tiny_run)
+    config.data.update_from_flattened_dict({"eval_mode": "uniform", "num_segments": 2})  # = OVERRIDES
+    kw = dict(split="train", features=("pooled", "patches"), batch_size=2, shard_size=2, config=config,
               progress=False)
     straight = export_lib.export(tiny_run, str(tmp_path / "straight"), **kw)
     feats = export_lib.load_features(str(tmp_path / "straight"))
@@ -111,33 +84,9 @@ def test_export_round_trip_and_resume(tiny_run, tmp_path):
         export_lib.export(tiny_run, out, **dict(kw, features=("pooled",)))
 
 
-def test_load_state_parts_reads_only_the_named_entries(tiny_run):
-    """Export, planning and surprise read the parts of a checkpoint they use, never the optimiser state; the
-    parts equal those of a full restore."""
-    from jepa import checkpoint as ckpt_lib
-
-    step = export_lib.checkpoint_step(tiny_run)
-    parts = export_lib.load_state_parts(tiny_run, step, ["ema", "params/predictor"])
-    assert set(parts) == {"ema", "params"} and set(parts["params"]) == {"predictor"}
-    full, _ = ckpt_lib.load_state(tiny_run, export_lib.abstract_from_metadata(tiny_run, step,
-                                                                              export_lib.export_mesh()), step)
-    assert "opt" in full
-    for got, want in ((parts["ema"], full["ema"]), (parts["params"]["predictor"], full["params"]["predictor"])):
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
-
-
-def test_online_and_random_encoders_differ_from_ema(tiny_run):
-    config = export_lib.load_run_config(tiny_run)
-    ema, step = export_lib.load_encoder_params(tiny_run, config)
-    online, _ = export_lib.load_encoder_params(tiny_run, config, encoder="online")
-    old, old_step = export_lib.load_encoder_params(tiny_run, config, step=3)
-    assert step == 6 and old_step == 3
-    rand = export_lib.random_encoder_params(config)
-    leaf = lambda p: np.asarray(p["patch_kernel"])
-    assert not np.array_equal(leaf(ema), leaf(online)) and not np.array_equal(leaf(ema), leaf(rand))
-    assert not np.array_equal(leaf(ema), leaf(old))
-    with pytest.raises(ValueError, match="--step=5"):
-        export_lib.load_encoder_params(tiny_run, config, step=5)
+def test_embed_split_in_memory(tiny_run):
+    config = runs.load_config(tiny_run)
+    ema, _ = runs.load_encoder(tiny_run, config)
     feats = export_lib.embed_split(config, ema, "validation", max_clips=1)
     assert len(feats) == 1 and feats.pooled.shape == (1, 64)
 

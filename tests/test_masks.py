@@ -251,6 +251,60 @@ def test_from_config():
     assert m.lengths == MultiBlockMasker(GRID, DEFAULT_SPECS, cfg.length_quantile).lengths
 
 
+def test_run_geometry_from_config():
+    """A run's token grid follows its clips and encoder; its masker and static lengths follow config.mask."""
+    from jepa.config import base_config
+    from jepa.masks import clip_token_grid, make_masker, mask_lengths
+
+    c = base_config()                                       # 16 frames x 256 px, patch 16, tubelet 2
+    assert clip_token_grid(c) == GRID
+    c.data.num_frames, c.data.resolution, c.model.encoder.patch_size = 8, 64, 8
+    assert clip_token_grid(c) == SMALL
+    c.mask.length_quantile = 0.3
+    m = make_masker(c)
+    assert m.grid == SMALL and m.length_quantile == 0.3
+    assert mask_lengths(c) == MultiBlockMasker(SMALL, specs_from_config(c.mask.types), 0.3).lengths
+    c.data.resolution = 60
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        clip_token_grid(c)
+
+
+def test_specs_from_config_names_a_missing_field():
+    with pytest.raises(ValueError, match=r"config.mask.types.odd: missing field\(s\) \['temporal_scale'"):
+        specs_from_config({"odd": dict(num_blocks=2, spatial_scale=0.5, aspect_ratio=(1, 1), num_context=0,
+                                       num_target=0)})
+
+
+def test_objectives_do_not_import_the_data_pipeline():
+    """Token geometry lives in jepa.masks / jepa.models: the objectives (at import or inside any function) never
+    reach for the data pipeline, so the path data -> objective -> train has no back edge."""
+    import ast
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "jepa" / "objectives"
+    files = sorted(folder.glob("*.py"))
+    assert len(files) >= 3
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            assert not any(n.startswith("jepa.data.pipeline") for n in names), (path.name, node.lineno, names)
+    code = ("import sys; from jepa import config, objectives; c = config.base_config(); "
+            "c.data.num_frames, c.data.resolution = 4, 64; objectives.build(c); "
+            "objectives.VJEPA.step_flops(c); "
+            "assert 'jepa.data.pipeline' not in sys.modules, 'jepa.data.pipeline was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ errors
 @pytest.mark.parametrize("kwargs, field", [
     (dict(spatial_scale=0.0), "spatial_scale"),

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 
 import jax
@@ -88,6 +89,61 @@ def test_flops_close_to_xla_for_a_full_block():
 
     counted, xla = metrics.vit_forward_flops(64, 64, 1, 256), xla_flops(block, x, w)
     assert counted <= xla <= 1.1 * counted  # elementwise work is the uncounted few percent
+
+
+def _dot_flops(stablehlo: str) -> int:
+    """2 x multiply-accumulates of every dot_general in a StableHLO module: 2 x |result| x |contracted dims|."""
+    pattern = re.compile(r"contracting_dims = \[([\d, ]*)\] x .*: \(tensor<([\dx]+)x\w+>, tensor<[^>]*>\) -> "
+                         r"tensor<([\dx]+)x\w+>")
+    total = 0
+    for line in stablehlo.splitlines():
+        if "stablehlo.dot_general" in line:
+            m = pattern.search(line)
+            assert m, f"unparsed dot_general: {line.strip()}"
+            contracted = [int(d) for d in m.group(1).split(",") if d.strip()]
+            lhs = [int(d) for d in m.group(2).split("x")]
+            out = [int(d) for d in m.group(3).split("x")]
+            total += 2 * math.prod(out) * math.prod(lhs[d] for d in contracted)
+    return total
+
+
+def test_training_flops_match_the_matmuls_of_the_real_train_step():
+    """training_flops (the MFU numerator) against an independent count: the matmuls in the program JAX builds for
+    the gradient of the real V-JEPA loss, on a tiny config with the blocks unrolled (a scanned body would appear
+    once for all blocks). The two must agree exactly, but for one term: the convention counts every backward as
+    2 x forward, while the patch embedding's input is the video, which has no gradient, so its backward is 1 x.
+    Dropping or miscounting any matmul in jepa/metrics.py breaks the equality. XLA's own cost analysis of the same
+    program is then at most 8 % above the matmuls: the elementwise work (LayerNorm, softmax, GELU, RoPE, the loss)
+    the convention leaves out, about 4 % at this width and less at real widths."""
+    from conftest import load_config
+
+    from jepa import masks, train
+    from jepa.objectives.vjepa import VJEPA
+
+    c = load_config("tiny")
+    c.data.num_frames, c.data.resolution = 8, 32
+    c.model.encoder.update(width=64, depth=2, heads=2, mlp_dim=256, patch_size=8, tubelet_size=2)
+    c.model.predictor.update(width=32, depth=2, heads=2, num_mask_tokens=4)
+    c.model.dtype, c.model.remat, c.model.scan = "float32", "none", False
+    c.loss.variance_weight = c.loss.covariance_weight = c.loss.context_weight = 0.0   # no extra matmuls
+    c.train.global_batch_size = b = 2
+    grid = tuple(masks.clip_token_grid(c))
+    lengths = masks.mask_lengths(c)
+    objective = VJEPA.from_config(c, grid)
+    params, ema = jax.eval_shape(lambda: objective.init(jax.random.key(0), c))
+    batch = {"video": jax.ShapeDtypeStruct((b, 8, 32, 32, 3), jnp.uint8)}
+    for name, (nc, nt) in lengths.items():
+        batch[f"{name}/context_idx"] = jax.ShapeDtypeStruct((b, nc), jnp.int32)
+        batch[f"{name}/target_idx"] = jax.ShapeDtypeStruct((b, nt), jnp.int32)
+    lowered = jax.jit(jax.grad(lambda p, e, x: objective.loss(p, e, x)[0])).lower(params, ema, batch)
+    program = lowered.as_text()
+    assert "stablehlo.while" not in program and "stablehlo.convolution" not in program   # every matmul is a dot
+    matmuls = _dot_flops(program)
+    video_grad = b * sum(metrics.patch_embed_flops(nc, 64, 8, 2) for nc, _ in lengths.values())
+    assert matmuls == train.training_flops(c, grid) - video_grad
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert matmuls <= cost["flops"] <= 1.08 * matmuls
 
 
 def test_mfu():
@@ -174,17 +230,23 @@ def test_collapse_monitor_quiet_when_healthy_and_absolute_thresholds():
 
 # ---------------------------------------------------------------- writers
 
-def _read_tb_scalars(path):
-    """Minimal TFRecord reader for an events file: {tag: [(step, value)]}."""
+def _read_tb_events(path):
+    """Minimal TFRecord reader for an events file: the Event protos."""
     from tensorboardX.proto import event_pb2
-    out = {}
     with open(path, "rb") as f:
         data = f.read()
-    pos = 0
+    pos, events = 0, []
     while pos < len(data):
         (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
         pos += 12 + length + 4
+    return events
+
+
+def _read_tb_scalars(path):
+    """{tag: [(step, value)]} of an events file."""
+    out = {}
+    for ev in _read_tb_events(path):
         for v in ev.summary.value:
             out.setdefault(v.tag, []).append((ev.step, v.simple_value))
     return out
@@ -209,6 +271,18 @@ def test_metrics_writer_jsonl_and_tensorboard(tmp_path):
     with metrics.MetricsWriter(wd, tensorboard=False) as w:
         w.write(30, {"loss": 0.125})
     assert len(open(os.path.join(wd, "metrics.jsonl")).readlines()) == 3
+    # a run resumed from step 10 drops what an earlier attempt logged after it (one record per step), including a
+    # line cut by a crash
+    with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 40, "lo')
+    with metrics.MetricsWriter(wd, start_step=10) as w:
+        w.write(20, {"loss": 0.75})
+    lines = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [(r["step"], r["loss"]) for r in lines] == [(10, 0.5), (20, 0.75)]
+    # TensorBoard is told to discard the earlier attempt's events from step 11 on
+    events = [ev for path in glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
+              for ev in _read_tb_events(path)]
+    assert any(ev.session_log.status == ev.session_log.START and ev.step == 11 for ev in events)
 
 
 def test_metrics_writer_disabled_writes_nothing(tmp_path):

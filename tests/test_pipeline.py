@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jepa import config as config_lib
+from jepa import masks
 from jepa.data import pipeline
 
 
@@ -100,7 +101,7 @@ def test_world_batch_shapes_dtypes_and_masks():
     srcs = {"w": episodes(8)}
     ds = pipeline.build_pipeline(with_sources(c, srcs), process_index=0, process_count=1, sources=srcs)
     (b,) = take(ds, 1)
-    lengths = pipeline.mask_lengths(c)
+    lengths = masks.mask_lengths(c)
     expected = {"video", "label", "skipped", "actions", "states", "domain"}
     expected |= {f"{n}/{k}" for n in ("short", "long") for k in ("context_idx", "target_idx")}
     assert set(b) == expected
@@ -130,9 +131,19 @@ def test_world_actions_states_align_with_frames():
             assert b["label"][i] == seed and b["domain"][i] == 0
 
 
-def test_world_padding_constants_match_the_world_module():
-    from jepa.data import world
-    assert (pipeline._A_MAX, pipeline._S_MAX) == (world.A_MAX, world.S_MAX)
+def test_world_padding_comes_from_the_environments_without_heavy_imports():
+    """The pipeline pads actions / states to the environments' A_MAX / S_MAX, and importing it (as every spawned
+    data worker does) pulls in neither TFDS nor MuJoCo."""
+    import subprocess
+    import sys
+
+    from jepa import envs
+    assert (pipeline.A_MAX, pipeline.S_MAX) == (envs.A_MAX, envs.S_MAX)
+    code = ("import sys, jepa.data.pipeline; heavy = [m for m in ('tensorflow_datasets', 'dm_control', 'mujoco') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_batch_size_must_divide_by_process_count():
@@ -290,7 +301,8 @@ def test_eval_uniform_segments_and_sharding_cover_every_window():
     assert starts[0] < starts[1] < starts[2]
 
 
-def test_corrupt_files_are_skipped_and_counted(mp4s, tmp_path, caplog):
+def test_corrupt_files_are_skipped_and_counted(mp4s, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(pipeline, "_warn_bad_file", pipeline._RateLimitedWarning())  # a fresh per-process limit
     _, paths = mp4s
     bad = media.make_corrupt_files(tmp_path)
     records = [video_record(p, label=1) for p in paths[:3]]
@@ -305,6 +317,28 @@ def test_corrupt_files_are_skipped_and_counted(mp4s, tmp_path, caplog):
     assert skipped >= 6  # 4 epochs of 5 records with 2 bad each: at least 8 picks, substitutes may be bad too
     assert all((b["label"] == 1).all() for b in batches)  # every element came from a good file
     assert "corrupt" in caplog.text and "skipping unreadable clip" in caplog.text
+
+
+def test_skip_count_is_part_of_the_iterator_state(mp4s, tmp_path):
+    """data/skipped_total continues across a resume: the count travels with the checkpointed iterator state."""
+    _, paths = mp4s
+    bad = media.make_corrupt_files(tmp_path)
+    records = [video_record(p, label=1) for p in paths[:3]] + [video_record(bad["corrupt"], label=-7)]
+    c = small_config()
+    c.train.global_batch_size = 4
+    c.data.sources = {"v": config_lib.manifest_source("unused")}
+    ds = pipeline.build_pipeline(c, process_index=0, process_count=1, sources={"v": records})
+    straight = take(ds, 4)
+    it = iter(ds)
+    first = [next(it), next(it)]
+    state = it.get_state()
+    it.close()
+    assert state["skipped_total"] == sum(int(b["skipped"].sum()) for b in first) > 0
+    it = iter(ds)
+    it.set_state(state)
+    next(it), next(it)
+    assert it.skipped_total == sum(int(b["skipped"].sum()) for b in straight)
+    it.close()
 
 
 def test_preflight_reports_and_rejects_mostly_corrupt_source(mp4s, tmp_path):
@@ -357,8 +391,8 @@ def test_mp_prefetch_one_worker_matches_and_resumes(tmp_path):
     assert_same(expected[2], restored)
     for x, y in zip(expected[2:4], take(ds, 2, state=state)):
         assert_same(x, y)
-    # The state is the batch position only, so it restores under another worker count too.
-    assert state == {"next_index": 2}
+    # The state is the batch position (and the count of skipped clips), so it restores under another worker count.
+    assert state == {"next_index": 2, "skipped_total": 0}
     c.data.num_workers = 0
     for x, y in zip(expected[2:4], take(pipeline.build_pipeline(c, process_index=0, process_count=1,
                                                                  sources=srcs), 2, state=state)):

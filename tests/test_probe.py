@@ -9,6 +9,7 @@ import pytest
 
 from jepa import evaluators as evaluators_lib
 from jepa import probe as probe_lib
+from jepa import runs
 from jepa.export import Features
 
 
@@ -186,6 +187,20 @@ def test_eval_settings_are_validated():
         evaluators_lib._settings("probe", {"probe": "ridge"})
 
 
+def test_probe_evaluator_reports_on_clips_not_used_to_choose_the_grid_member():
+    """The eval split's labels are shifted by one class: the probe that learned scores 0 there, the untrained one
+    (lr 0) does better. Choosing on the reported split would pick the untrained probe; the evaluator chooses on
+    held-out training clips, so it picks the learned probe and reports its 0."""
+    tr, va = synthetic(256, classes=8, seed=0), synthetic(64, classes=8, seed=1)
+    va.targets["label"] = (va.targets["label"] + 1) % 8
+    settings = evaluators_lib._settings("probe", dict(lrs=(0.0, 3e-2), wds=(0.0,), epochs=10))
+    direct = probe_lib.run_probe(tr, va, va, task="classification", lrs=(0.0, 3e-2), wds=(0.0,), epochs=10)
+    assert direct["best"]["lr"] == 0.0 and direct["test"]["accuracy"] > 0.0  # what selecting on va reports
+    assert evaluators_lib.probe_metrics(tr, va, settings) == {"accuracy": 0.0, "window_accuracy": 0.0}
+    with pytest.raises(ValueError, match="config.evals.p: the probe needs at least 2 training clips"):
+        evaluators_lib.probe_metrics(probe_lib.select_rows(tr, np.arange(256) == 0), va, settings, name="p")
+
+
 @pytest.mark.slow
 def test_evaluators_run_during_training(tiny_config, tmp_path):
     from jepa import train as train_lib
@@ -197,6 +212,65 @@ def test_evaluators_run_during_training(tiny_config, tmp_path):
     assert sorted(evals) == [3, 6]
     assert 0.0 <= evals[3]["eval/knn/accuracy"] <= 1.0 and "eval/probe/accuracy" not in evals[3]
     assert 0.0 <= evals[6]["eval/probe/accuracy"] <= 1.0 and "eval/knn/accuracy" in evals[6]
+
+
+EVAL_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from conftest import local_config
+from jepa import evaluators, runs, sharding
+world_dir, out, *dist = sys.argv[1:]
+c = local_config(world_dir, "")
+c.mesh = dict(data=-1, fsdp=1, tensor=1)
+with c.distributed.ignore_type():
+    for arg in dist:  # --config.distributed.FIELD=VALUE from launch/local.py
+        field, value = arg[len("--config.distributed."):].split("=", 1)
+        c.distributed[field] = type(c.distributed[field])(value)
+sharding.initialize_distributed(c.distributed)
+import jax
+c.evals = {"knn": dict(every=1, k=2, max_clips=6, batch_size=4, eval_split="train"),
+           "probe": dict(every=1, max_clips=6, batch_size=4, epochs=2, lrs=(1e-3,), wds=(0.0,))}
+from jepa import objectives
+params = runs.random_encoder(c)
+result = {"processes": jax.process_count()}
+for ev in evaluators.build(c, sharding.make_mesh(c.mesh), objectives.build(c)):
+    result[ev.name] = ev(params)
+    feats = ev.features("train", params)
+    result[ev.name + "/clips"] = feats.clip_ids
+    result[ev.name + "/pooled"] = np.asarray(feats.pooled).tolist()
+if jax.process_index() == 0:
+    json.dump(result, open(out, "w"))
+"""
+
+
+@pytest.mark.slow
+def test_evaluators_gather_every_process_rows(tmp_path, world_dir):
+    """2 processes x 1 device embed the same clips, metrics and features as 1 process x 2 devices."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    try:
+        import local
+    finally:
+        sys.path.pop(0)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    cmd = [sys.executable, "-c", EVAL_SCRIPT, world_dir]
+    procs = local.launch(cmd + [str(tmp_path / "two.json")], 2, 1, str(tmp_path / "logs"), env=env, cwd=REPO)
+    assert local.wait(procs, 500) == 0, open(tmp_path / "logs" / "process_0.log").read()[-4000:]
+    one = subprocess.run(cmd + [str(tmp_path / "one.json")], cwd=REPO, env=local.process_env(2, env),
+                         capture_output=True, text=True, timeout=500)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["knn/clips"] == one["knn/clips"] == [f"world/{i}" for i in range(4)]
+    np.testing.assert_allclose(two["knn/pooled"], one["knn/pooled"], rtol=1e-4, atol=1e-5)
+    assert two["knn"] == one["knn"]
+    for key, value in one["probe"].items():
+        np.testing.assert_allclose(two["probe"][key], value, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.slow
@@ -211,9 +285,10 @@ def test_cli_on_the_fly_probe(tiny_run, capsys):
 def test_world_probe_benchmark_compares_the_run_with_random_init(tiny_run, tmp_path):
     """The benchmark end to end on real episodes: every domain needs windows in train, validation and test, so a
     20-episode version of the tiny preset (one episode per domain in validation and in test)."""
+    config = runs.load_config(tiny_run)
+    config.data.sources.world.data_dir = str(tmp_path)
     result = probe_lib.benchmark(tiny_run, num_segments=2, epochs=2, lrs=(1e-3,), wds=(0.01,), progress=False,
-                                 episodes=20, layers=(0, 1),
-                                 overrides=[f"--config.data.sources.world.data_dir={tmp_path}"])
+                                 episodes=20, layers=(0, 1), config=config)
     assert list(result) == ["step 6", "random init"]
     for r in result.values():
         assert set(r) == {"linear/domain", "linear/keypoints[-1]", "ridge/domain", "ridge/keypoints[-1]",

@@ -36,16 +36,78 @@ def test_sweep_grid_expands_to_distinct_workdirs():
 
 def test_sweep_dry_run_prints_commands_locally_and_as_slurm_array():
     out = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/quickstart.py:tiny", "--root=/tmp/x",
-                          "--list", "optim.lr=1e-3 model.remat=full", "optim.lr=1e-4", "--dry_run"], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
+                          "--list", "optim.lr=1e-3 model.remat=full", "--list", "optim.lr=1e-4", "--dry_run",
+                          "--config.train.stop_at=3"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 2 and "--workdir=/tmp/x/lr-1e-3_remat-full" in lines[0] and "-m jepa.train" in lines[0]
-    out = subprocess.run([sys.executable, "launch/sweep.py", "--config=c.py", "--root=/tmp/x", "--grid",
-                          "seed=0,1,2", "--slurm", "--dry_run"], cwd=REPO, capture_output=True, text=True,
+    assert all(line.endswith("--config.train.stop_at=3") for line in lines)  # an override for every run
+    out = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/quickstart.py:tiny", "--root=/tmp/x",
+                          "--grid", "seed=0,1,2", "--slurm", "--dry_run"], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "sbatch --array=0-2" in out.stdout and "2) ARGS=(" in out.stdout
+    # every array task runs under launch/slurm.sbatch's settings: the SIGTERM warning and requeue included
+    assert "#SBATCH --signal=B:TERM@120" in out.stdout and "#SBATCH --requeue" in out.stdout
+    bad = subprocess.run([sys.executable, "launch/sweep.py", "--config=configs/quickstart.py:tiny", "--root=/tmp/x",
+                          "--grid", "optim.lrr=1e-3,1e-4", "--dry_run"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "did you mean --config.optim.lr?" in bad.stderr and not bad.stdout
+
+
+FAKE_SRUN = """#!/bin/bash
+# Records its call, then runs one "training process": it reports TERM and exits with $CHILD_CODE.
+echo "srun $*" >> "$LOG"
+exec bash -c 'trap "echo child-got-TERM >> \"$LOG\"; exit $CHILD_CODE" TERM; echo child-started >> "$LOG";
+              while true; do sleep 0.05; done'
+"""
+FAKE_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$LOG"
+"""
+
+
+def _sbatch_with_fakes(tmp_path, child_code: int) -> tuple[int, list[str], str]:
+    """Runs launch/slurm.sbatch with bash (fake srun and scontrol first on PATH), sends SIGTERM to the batch
+    shell once the training process runs, and returns (its exit code, the recorded calls, its output)."""
+    import signal
+    import time
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", LOG=str(log), CHILD_CODE=str(child_code),
+               SLURM_JOB_ID="4242", SLURM_NNODES="2")
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "--config=c.py", "--workdir=w"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "child-started" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # what SLURM does 120 s before the time limit (--signal=B:TERM@120)
+        out, _ = proc.communicate(timeout=30)
+    finally:  # a training process the script failed to stop must not outlive the test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.returncode, log.read_text().splitlines(), out
+
+
+def test_slurm_script_forwards_sigterm_to_srun_and_requeues_on_42(tmp_path):
+    code, calls, out = _sbatch_with_fakes(tmp_path, 42)
+    assert code == 0, out
+    assert calls[0].startswith("srun ") and "-m jepa.train --config=c.py --workdir=w" in calls[0]
+    assert calls[1:] == ["child-started", "child-got-TERM", "scontrol requeue 4242"], out
+
+
+def test_slurm_script_passes_other_exit_codes_on_without_requeue(tmp_path):
+    code, calls, out = _sbatch_with_fakes(tmp_path, 3)
+    assert code == 3, out
+    assert "child-got-TERM" in calls and not any(c.startswith("scontrol") for c in calls)
 
 
 def test_local_launcher_gives_each_process_its_id_and_devices():

@@ -107,8 +107,8 @@ def test_fsdp_assertion_names_every_unsharded_large_array():
 def wide_config():
     """Tiny config with a wider encoder, so that the big matrices dominate the state."""
     c = load_config("tiny")
-    c.model.encoder = dict(size="tiny", width=256, depth=2, heads=4, mlp_dim=1024, patch_size=8, tubelet_size=2)
-    c.model.predictor = dict(width=64, depth=1, heads=2, num_mask_tokens=10)
+    c.model.encoder.update(size="tiny", width=256, depth=2, heads=4, mlp_dim=1024, patch_size=8, tubelet_size=2)
+    c.model.predictor.update(width=64, depth=1, heads=2, num_mask_tokens=10)
     return c
 
 
@@ -189,8 +189,8 @@ sys.path.insert(0, "tests")
 from conftest import load_config
 from jepa import sharding, train
 c = load_config("tiny")
-c.model.encoder = dict(size="tiny", width=256, depth=2, heads=4, mlp_dim=1024, patch_size=8, tubelet_size=2)
-c.model.predictor = dict(width=64, depth=1, heads=2, num_mask_tokens=10)
+c.model.encoder.update(size="tiny", width=256, depth=2, heads=4, mlp_dim=1024, patch_size=8, tubelet_size=2)
+c.model.predictor.update(width=64, depth=1, heads=2, num_mask_tokens=10)
 c.mesh = dict(data=1, fsdp=8, tensor=1)
 run = train.build_run(c, sharding.make_mesh(c.mesh))
 state = run.init_state(jax.random.PRNGKey(0))

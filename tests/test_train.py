@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 from conftest import QUICKSTART, REPO, child_error
 
 from jepa import checkpoint as ckpt_lib
+from jepa import config as config_lib
 from jepa import sharding
 from jepa import train as train_lib
 
@@ -68,8 +70,9 @@ def test_misspelt_override_fails_before_any_work(tmp_path):
 def test_inconsistent_value_fails_with_the_field_named(tmp_path):
     proc = run_cli(f"--config={QUICKSTART}:tiny", f"--workdir={tmp_path / 'run'}", "--config.data.resolution=60",
                    timeout=120)
-    assert proc.returncode != 0
-    assert "config.data.resolution" in proc.stderr
+    assert proc.returncode == 2
+    assert "error: config.data.resolution: 60 is not divisible" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_same_seed_same_losses(tmp_path, tiny_config):
@@ -133,6 +136,62 @@ def test_non_finite_loss_stops_with_step_and_checkpoint_named(tmp_path, tiny_con
     tiny_config.train.checkpoint_every = 1
     with pytest.raises(train_lib.NonFiniteLossError, match=r"at step \d+; last good checkpoint: (step \d+|none)"):
         train_lib.train(tiny_config, str(tmp_path / "nan"))
+
+
+def test_diverged_state_is_never_saved_as_last_good(tmp_path, tiny_config):
+    """The loss of step N is computed with the parameters of step N-1, so a finite loss can come with exploded
+    parameters: those must not be checkpointed (and rotate out a good checkpoint) as the "last good" one."""
+    tiny_config.train.total_steps = 40
+    tiny_config.train.checkpoint_every = 1
+    tiny_config.train.keep_checkpoints = 2
+    tiny_config.optim.warmup_steps = 0
+    tiny_config.optim.start_lr = tiny_config.optim.lr = 1e3  # a few finite-loss steps, then divergence
+    with pytest.raises(train_lib.NonFiniteLossError) as error:
+        train_lib.train(tiny_config, str(tmp_path / "run"))
+    named = re.search(r"last good checkpoint: step (\d+)", str(error.value))
+    saved = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints") if s.isdigit())
+    assert (named is None and not saved) or int(named.group(1)) == saved[-1], (str(error.value), saved)
+    if saved:  # every checkpoint left is a state whose own loss is finite: resuming from it trains on
+        tiny_config.optim.start_lr = tiny_config.optim.lr = 0.0
+        tiny_config.train.total_steps = saved[-1] + 1
+        result = train_lib.train(tiny_config, str(tmp_path / "run"))
+        assert all(np.isfinite(result.losses)) and len(result.losses) == 1
+
+
+@pytest.mark.parametrize("override, field", [
+    (dict(keep_checkpoints=0), "train.keep_checkpoints"), (dict(checkpoint_every=0), "train.checkpoint_every"),
+    (dict(log_every=0), "train.log_every"), (dict(lr=-1.0), "optim.lr"), (dict(dtype="float16"), "model.dtype"),
+    (dict(grad_accum_steps=0), "optim.grad_accum_steps")])
+def test_invalid_values_fail_in_validate_with_the_field_named(tiny_config, override, field):
+    (name, value), = override.items()
+    section = {"lr": tiny_config.optim, "grad_accum_steps": tiny_config.optim, "dtype": tiny_config.model}.get(
+        name, tiny_config.train)
+    section[name] = value
+    with pytest.raises(ValueError, match=f"^config.{field}: "):
+        config_lib.validate(tiny_config)
+
+
+def test_compile_counter_sees_a_retrace_of_the_train_step():
+    train_lib._CompileCounter.start()
+
+    @jax.jit
+    def train_step(x):
+        return x * 2
+
+    train_step(np.ones(3, np.float32))
+    before = train_lib._CompileCounter.count
+    train_step(np.ones(3, np.float32))
+    assert train_lib._CompileCounter.count == before  # same shapes: no new trace
+    train_step(np.ones(4, np.float32))
+    assert train_lib._CompileCounter.count == before + 1
+
+
+def test_profile_steps_write_a_trace_for_tensorboard(tmp_path, tiny_config):
+    tiny_config.train.profile_steps = (1, 2)
+    tiny_config.train.stop_at = 4
+    train_lib.train(tiny_config, str(tmp_path / "run"))
+    traces = list((tmp_path / "run" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
 
 
 def test_loss_decreases_over_50_steps(tmp_path, tiny_config):

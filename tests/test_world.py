@@ -1,4 +1,5 @@
-"""Tests for the embedded MuJoCo world dataset (jepa/data/world.py): real dm_control physics and EGL rendering."""
+"""Tests for the embedded MuJoCo world dataset (jepa/data/world.py) and its run-time environments (jepa/envs.py):
+real dm_control physics and EGL rendering."""
 
 import os
 import time
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from jepa import envs
 from jepa.data import world
 
 TINY = world.PRESETS["tiny"]
@@ -32,32 +34,44 @@ def _all(records):
 
 
 def test_every_domain_loads_renders_and_fits_the_padding():
-    assert len(world.DOMAINS) == len(set(world.DOMAINS)) >= 6
-    for i, (domain, task) in enumerate(world.DOMAINS):
-        env = world.make_env(i, seed=0, resolution=32)
+    assert len(envs.DOMAINS) == len(set(envs.DOMAINS)) >= 6
+    for i, (domain, task) in enumerate(envs.DOMAINS):
+        env = envs.make_env(i, seed=0, resolution=32)
         obs = env.reset()
         assert (env.domain, env.task) == (domain, task)
-        assert 1 <= env.action_dim <= world.A_MAX and 2 <= env.state_dim <= world.S_MAX
+        assert 1 <= env.action_dim <= envs.A_MAX and 2 <= env.state_dim <= envs.S_MAX
         assert obs["frame"].shape == (32, 32, 3) and obs["frame"].dtype == np.uint8 and obs["frame"].std() > 1
-        assert obs["state"].shape == (world.S_MAX,) and not obs["state"][env.state_dim:].any()
+        assert obs["state"].shape == (envs.S_MAX,) and not obs["state"][env.state_dim:].any()
         env.close()
 
 
+def test_environments_load_without_the_dataset_machinery():
+    """Planning and surprise step jepa.envs at run time: importing it pulls in neither TFDS nor the dataset
+    module (dm_control itself loads when the first environment is made)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, jepa.envs; heavy = [m for m in ('tensorflow_datasets', 'jepa.data.world', 'dm_control') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_every_domain_shows_motion_within_action_bounds():
-    for i in range(len(world.DOMAINS)):
+    for i in range(len(envs.DOMAINS)):
         e = world.generate_episode(i, world.episode_seed(7, i), 12, 32)
-        env = world.make_env(i, e["seed"], resolution=32)
+        env = envs.make_env(i, e["seed"], resolution=32)
         np.testing.assert_array_equal(env.reset()["frame"], e["frames"][0])
         a = e["actions"][:, : e["action_dim"]]
         assert (a >= env.action_low).all() and (a <= env.action_high).all()
         change = np.abs(np.diff(e["frames"].astype(np.float32), axis=0)).mean(axis=(1, 2, 3))
-        assert (change > 0).sum() >= 9, (world.DOMAINS[i], change)
-        assert np.abs(e["frames"][-1].astype(np.float32) - e["frames"][0]).mean() > 0.3, world.DOMAINS[i]
+        assert (change > 0).sum() >= 9, (envs.DOMAINS[i], change)
+        assert np.abs(e["frames"][-1].astype(np.float32) - e["frames"][0]).mean() > 0.3, envs.DOMAINS[i]
         env.close()
 
 
 def test_record_shapes_dtypes_and_ranges(tiny_records):
-    names = [world.domain_index(d) for d in TINY["domains"]]
+    names = [envs.domain_index(d) for d in TINY["domains"]]
     recs = _all(tiny_records)
     assert len(recs) == TINY["episodes"]
     T, R = TINY["frames"], TINY["resolution"]
@@ -65,12 +79,12 @@ def test_record_shapes_dtypes_and_ranges(tiny_records):
         assert set(r) == {"frames", "actions", "states", "rewards", "action_dim", "state_dim", "num_qpos", "domain",
                           "task", "seed", "label"}
         assert r["frames"].shape == (T, R, R, 3) and r["frames"].dtype == np.uint8
-        assert r["actions"].shape == (T, world.A_MAX) and r["actions"].dtype == np.float32
-        assert r["states"].shape == (T, world.S_MAX) and r["states"].dtype == np.float32
+        assert r["actions"].shape == (T, envs.A_MAX) and r["actions"].dtype == np.float32
+        assert r["states"].shape == (T, envs.S_MAX) and r["states"].dtype == np.float32
         assert r["rewards"].shape == (T,) and r["rewards"].dtype == np.float32
         assert r["domain"] in names and r["label"] == r["domain"]
-        assert isinstance(r["task"], str) and r["task"] == world.DOMAINS[r["domain"]][1]
-        env = world.make_env(r["domain"], r["seed"])
+        assert isinstance(r["task"], str) and r["task"] == envs.DOMAINS[r["domain"]][1]
+        env = envs.make_env(r["domain"], r["seed"])
         assert (r["action_dim"], r["state_dim"], r["num_qpos"]) == (env.action_dim, env.state_dim, env.num_qpos)
         a, s = r["actions"], r["states"]
         assert not a[:, r["action_dim"]:].any() and not s[:, r["state_dim"]:].any()
@@ -94,7 +108,7 @@ def test_frames_show_motion(tiny_records):
 def test_actions_are_frame_aligned_by_replay(tiny_records):
     """Replaying the stored actions from the episode seed in a fresh env reproduces every state and frame."""
     r = tiny_records["train"][0]
-    env = world.make_env(r["domain"], r["seed"])
+    env = envs.make_env(r["domain"], r["seed"])
     obs = env.reset()
     np.testing.assert_array_equal(obs["state"], r["states"][0])
     np.testing.assert_array_equal(obs["frame"], r["frames"][0])
@@ -109,7 +123,7 @@ def test_actions_are_frame_aligned_by_replay(tiny_records):
 def test_one_step_from_stored_state_matches_next_state_and_not_a_shifted_action(tiny_records):
     """state t + action t -> state t+1 (from the stored float32 state); action t+1 gives a clearly different result."""
     for r in tiny_records["train"][:2]:
-        env = world.make_env(r["domain"], 0)
+        env = envs.make_env(r["domain"], 0)
         nq, sd, ad = r["num_qpos"], r["state_dim"], r["action_dim"]
         s, a = r["states"].astype(np.float64), r["actions"]
         aligned, shifted = [], []
@@ -127,13 +141,13 @@ def test_render_state_reproduces_the_stored_frame(tiny_records):
     r = tiny_records["validation"][0]
     nq, sd = r["num_qpos"], r["state_dim"]
     for t in (0, len(r["frames"]) // 2, len(r["frames"]) - 1):
-        img = world.render_state(r["domain"], r["task"], r["states"][t, :nq], r["states"][t, nq:sd], 64)
+        img = envs.render_state(r["domain"], r["task"], r["states"][t, :nq], r["states"][t, nq:sd], 64)
         assert img.shape == (64, 64, 3) and img.dtype == np.uint8
         assert np.abs(img.astype(np.float32) - r["frames"][t]).mean() < 0.5
     with pytest.raises(ValueError, match="task"):
-        world.render_state(r["domain"], "not_a_task", r["states"][0, :nq], r["states"][0, nq:sd])
+        envs.render_state(r["domain"], "not_a_task", r["states"][0, :nq], r["states"][0, nq:sd])
     with pytest.raises(ValueError, match="qpos"):
-        world.render_state(r["domain"], None, r["states"][0, : nq + 1], r["states"][0, nq:sd])
+        envs.render_state(r["domain"], None, r["states"][0, : nq + 1], r["states"][0, nq:sd])
 
 
 def test_splits_disjoint_and_cover_all_episodes(tiny_records):
@@ -227,11 +241,11 @@ def test_bad_options_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="split"):
         world.world_source(str(tmp_path), "training", preset="tiny")
     with pytest.raises(ValueError, match="action"):
-        env = world.make_env("cartpole", 0)
+        env = envs.make_env("cartpole", 0)
         env.reset()
         env.step(np.zeros(3))
     assert world.make_config("default").name == "default"
-    assert world.make_config("default", domains=[f"{d}/{t}" for d, t in world.DOMAINS]).name == "default"
+    assert world.make_config("default", domains=[f"{d}/{t}" for d, t in envs.DOMAINS]).name == "default"
     assert world.make_config("default", seed=3).name != "default"
 
 
@@ -239,9 +253,9 @@ def test_image_keypoints_match_dm_control_camera_and_the_rendered_frame(tiny_rec
     from dm_control.mujoco.engine import Camera
     r = tiny_records["train"][1]
     nq, sd = int(r["num_qpos"]), int(r["state_dim"])
-    kp = world.image_keypoints(r["domain"], r["states"][:3], nq)
-    assert kp.shape == (3, world.MAX_KEYPOINTS, 2) and kp.dtype == np.float32
-    env = world.make_env(r["domain"], 0)
+    kp = envs.image_keypoints(r["domain"], r["states"][:3], nq)
+    assert kp.shape == (3, envs.MAX_KEYPOINTS, 2) and kp.dtype == np.float32
+    env = envs.make_env(r["domain"], 0)
     geoms = np.flatnonzero(env.physics.model.geom_bodyid > 0)
     for t in range(3):  # dm_control's own camera matrix gives pixel coordinates (pixel centres at integers)
         env.set_state(r["states"][t, :nq], r["states"][t, nq:sd])
@@ -252,12 +266,12 @@ def test_image_keypoints_match_dm_control_camera_and_the_rendered_frame(tiny_rec
     env.close()
     # point_mass: the keypoint sits on the rendered point. Pixels where frame A differs from both B and C (the point
     # elsewhere) are A's point alone.
-    renders = [world.render_state("point_mass", None, q, [0.0, 0.0]).astype(np.float32)
+    renders = [envs.render_state("point_mass", None, q, [0.0, 0.0]).astype(np.float32)
                for q in ([0.1, -0.12], [-0.2, 0.2], [0.2, 0.2])]
     only_a = (np.abs(renders[0] - renders[1]).sum(-1) > 30) & (np.abs(renders[0] - renders[2]).sum(-1) > 30)
     rows, cols = np.nonzero(only_a)
     assert len(rows) >= 3
-    u, v = world.image_keypoints("point_mass", np.array([[0.1, -0.12, 0.0, 0.0]]), 2)[0, 0] * 64 - 0.5
+    u, v = envs.image_keypoints("point_mass", np.array([[0.1, -0.12, 0.0, 0.0]]), 2)[0, 0] * 64 - 0.5
     assert abs(cols.mean() - u) < 1.5 and abs(rows.mean() - v) < 1.5, (cols.mean(), rows.mean(), u, v)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -203,15 +204,15 @@ def test_cem_settings_validate():
 
 def test_train_world_model_on_a_frozen_pretrained_encoder(tmp_path, tiny_run, wm_config):
     """--config.encoder_from: architecture and EMA weights of the pretraining run, frozen through training."""
-    from jepa import export as export_lib
+    from jepa import runs
     from jepa import train as train_lib
     wm_config.encoder_from = tiny_run
     wm_config.encoder_weights = "pretrained"
     wm_config.model.encoder.depth = 5  # replaced by the pretraining run's architecture
     result = train_lib.train(wm_config, str(tmp_path / "wm"))
     assert result.final_step == 6 and all(np.isfinite(result.losses))
-    pre_config = export_lib.load_run_config(tiny_run)
-    pretrained, _ = export_lib.load_encoder_params(tiny_run, pre_config)
+    pre_config = runs.load_config(tiny_run)
+    pretrained, _ = runs.load_encoder(tiny_run, pre_config)
     model = planning.WorldModel.load(str(tmp_path / "wm"))
     assert model.config.model.encoder.depth == pre_config.model.encoder.depth
     for a, b in zip(jax.tree.leaves(pretrained), jax.tree.leaves(model.encoder_params)):
@@ -247,10 +248,10 @@ def test_surprise_is_higher_on_a_teleport(wm_run):
 
 
 def test_violations_alter_only_frames_after_the_event(world_dir):
-    from jepa import surprise
+    from jepa import envs, surprise
     from jepa.data import world
     source = world.world_source(world_dir, "train", preset="tiny")
-    r = next(source[i] for i in range(len(source)) if world.DOMAINS[int(source[i]["domain"])][0] == "reacher")
+    r = next(source[i] for i in range(len(source)) if envs.DOMAINS[int(source[i]["domain"])][0] == "reacher")
     frames = np.asarray(r["frames"])
     for kind in surprise.VIOLATIONS:
         clip = surprise.violate(r, kind, 2, 8, 4, jump=6)
@@ -274,6 +275,9 @@ def test_plan_cli_end_to_end(tmp_path, wm_run):
     assert proc.returncode == 0, child_error(proc.stderr)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= summary["success_rate"] <= 1.0 and summary["plan_seconds_per_action"] > 0
+    # --monitor: each episode's outcome in words before the averages; progress names domain, method, episode
+    assert re.search(r"^  seed \d+: (success|missed), final distance .* m from .* m, ", proc.stdout, re.M)
+    assert "reacher, CEM, world model, episode 1/1 (seed " in proc.stderr
     result = json.loads((out / "plan_reacher_cem.json").read_text())
     assert len(result["episodes"]) == 1
     bad = run_module("jepa.plan", f"--workdir={wm_run}", "--domain=cheetah")
@@ -282,7 +286,7 @@ def test_plan_cli_end_to_end(tmp_path, wm_run):
 
 def test_planner_actions_stay_within_bounds(wm_run):
     from jepa import plan
-    from jepa.data.world import make_env
+    from jepa.envs import make_env
     model = planning.WorldModel.load(wm_run)
     env = make_env("reacher", 5, 64)
     try:
@@ -303,7 +307,8 @@ def test_plan_and_surprise_benchmarks_write_their_reports(tmp_path, wm_run, tiny
     proc = run_module("jepa.plan", "benchmark", f"--workdir={wm_run}", f"--baseline_workdir={wm_run}",
                       "--domains=reacher", "--episodes=1", f"--output={out}", "--config.plan.episode_steps=2")
     assert proc.returncode == 0, child_error(proc.stderr)
-    assert "random actions" in proc.stdout
+    assert "random actions" in proc.stdout and "nan" not in proc.stdout  # no planning time: "-"
+    assert "random-encoder world model " in proc.stderr and "random-init encoder (untrained)" in proc.stderr
     report = json.loads((out / "planning_benchmark.json").read_text())
     assert set(report["domains"]["reacher"]["methods"]) == {"CEM, world model", "CEM, random-encoder world model",
                                                              "random actions"}

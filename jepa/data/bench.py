@@ -17,23 +17,10 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from jepa import masks
 from jepa.data import pipeline
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:arg])",
-                                          lock_config=False)
-_BATCHES = flags.DEFINE_integer("batches", 10, "batches timed end to end (after one warm-up batch)")
-_WORKERS = flags.DEFINE_integer("workers", None, "override config.data.num_workers")
-_STAGE_CLIPS = flags.DEFINE_integer("stage_clips", 32, "clips timed stage by stage in this process")
-_SYNTHETIC = flags.DEFINE_boolean("synthetic_720p", False, "benchmark 16x224x224 clips from synthetic 720p H.264 "
-                                  "files written to a temporary folder (config optional: a manifest source is used)")
-_SYNTH_FILES = flags.DEFINE_integer("synthetic_files", 3, "number of synthetic videos")
-_SYNTH_SECONDS = flags.DEFINE_float("synthetic_seconds", 10.0, "length of each synthetic video")
-_SYNTH_DIR = flags.DEFINE_string("synthetic_dir", None, "keep the synthetic videos in this folder (reused when "
-                                  "present) instead of a temporary one")
-_BATCH = flags.DEFINE_integer("batch_size", None, "override config.train.global_batch_size")
 
 
 def write_synthetic_videos(folder: str, count: int = 3, seconds: float = 10.0, fps: int = 30,
@@ -90,7 +77,7 @@ def time_stages(config, num_clips: int) -> StageTimes:
     names, srcs, _ = pipeline._sources_from_config(config, None)
     world = pipeline._has_world_records(srcs)
     maker = pipeline.ClipMaker(names, srcs, settings, train=True, world=world, seed=int(config.seed))
-    masker = pipeline.make_masker(config)
+    masker = masks.make_masker(config)
     batch_size = min(int(config.train.global_batch_size), num_clips)
     rng = np.random.default_rng(0)
     times = StageTimes()
@@ -164,38 +151,65 @@ def run(config, batches: int, stage_clips: int) -> dict:
     return {"stages_ms_per_clip": per_clip, "first_batch_s": first, "clips_per_s": clips_per_s}
 
 
-def main(argv) -> None:
-    del argv
-    tmp = None
-    try:
-        if _SYNTHETIC.value:
-            folder = _SYNTH_DIR.value
-            if folder is None:
-                folder = tmp = tempfile.mkdtemp(prefix="jepa_bench_720p_")
-            os.makedirs(folder, exist_ok=True)
-            if not any(f.endswith(".mp4") for f in os.listdir(folder)):
-                t0 = time.perf_counter()
-                write_synthetic_videos(folder, _SYNTH_FILES.value, _SYNTH_SECONDS.value)
-                print(f"wrote {_SYNTH_FILES.value} x {_SYNTH_SECONDS.value:.0f} s 720p H.264 files in "
-                      f"{time.perf_counter() - t0:.1f} s to {folder}")
-            config = synthetic_config(folder)
-            if _CONFIG.value is not None:  # keep the data source, take the rest (e.g. batch, workers) from --config
-                user = _CONFIG.value
-                user.data.sources = config.data.sources
-                config = user
-        elif _CONFIG.value is None:
-            raise app.UsageError("give --config=configs/<file>.py[:arg] or --synthetic_720p")
-        else:
-            config = _CONFIG.value
-        if _WORKERS.value is not None:
-            config.data.num_workers = _WORKERS.value
-        if _BATCH.value is not None:
-            config.train.global_batch_size = _BATCH.value
-        run(config, _BATCHES.value, max(1, _STAGE_CLIPS.value))
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+def _define_flags() -> None:
+    flags.DEFINE_integer("batches", 10, "batches timed end to end (after one warm-up batch)", lower_bound=1)
+    flags.DEFINE_integer("workers", None, "override config.data.num_workers", lower_bound=0)
+    flags.DEFINE_integer("stage_clips", 32, "clips timed stage by stage in this process", lower_bound=1)
+    flags.DEFINE_boolean("synthetic_720p", False, "benchmark 16x224x224 clips from synthetic 720p H.264 files "
+                         "written to a temporary folder (config optional: a manifest source is used)")
+    flags.DEFINE_integer("synthetic_files", 3, "number of synthetic videos", lower_bound=1)
+    flags.DEFINE_float("synthetic_seconds", 10.0, "length of each synthetic video", lower_bound=0.1)
+    flags.DEFINE_string("synthetic_dir", None, "keep the synthetic videos in this folder (reused when present) "
+                        "instead of a temporary one")
+    flags.DEFINE_integer("batch_size", None, "override config.train.global_batch_size", lower_bound=1)
+
+
+def main(argv=None) -> dict:
+    """`python -m jepa.data.bench --config=FILE[:ARG] | --synthetic_720p [--flags]` (argv: after the program
+    name); returns what `run` measured."""
+    from jepa import cli
+    with cli.flag_scope():
+        config_flag = cli.define_config_file(argv)
+        _define_flags()
+        cli.parse(argv)
+        f = flags.FLAGS
+        tmp = None
+        try:
+            if f.synthetic_720p:
+                folder = f.synthetic_dir
+                if folder is None:
+                    folder = tmp = tempfile.mkdtemp(prefix="jepa_bench_720p_")
+                os.makedirs(folder, exist_ok=True)
+                if not any(name.endswith(".mp4") for name in os.listdir(folder)):
+                    t0 = time.perf_counter()
+                    write_synthetic_videos(folder, f.synthetic_files, f.synthetic_seconds)
+                    print(f"wrote {f.synthetic_files} x {f.synthetic_seconds:.0f} s 720p H.264 files in "
+                          f"{time.perf_counter() - t0:.1f} s to {folder}")
+                config = synthetic_config(folder)
+                if config_flag.value is not None:  # keep the data source, the rest (batch, workers) from --config
+                    user = config_flag.value
+                    with user.unlocked():
+                        user.data.sources = config.data.sources
+                    config = user
+            elif config_flag.value is None:
+                raise cli.UsageError("give --config=configs/<file>.py[:arg] or --synthetic_720p")
+            else:
+                config = config_flag.value
+            if f.workers is not None:
+                config.data.num_workers = f.workers
+            if f.batch_size is not None:
+                config.train.global_batch_size = f.batch_size
+            return run(config, f.batches, f.stage_clips)
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_cli() -> None:
+    """Entry of `python -m jepa.data.bench` and the `jepa-data-bench` console script."""
+    from jepa import cli
+    cli.run(main, __doc__)
 
 
 if __name__ == "__main__":  # guard: Grain's mp_prefetch workers are spawned and re-import this module
-    app.run(main)
+    run_cli()

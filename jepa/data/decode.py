@@ -11,7 +11,9 @@ decoding) collects the packet timestamps up to the last wanted frame, so index `
 presentation order; streams without timestamps are decoded sequentially from the start.
 
 Every failure to read a file (corrupt, truncated, empty, not a video, unknown codec, unreadable) raises
-`DecodeError` naming the file and the reason, so callers can skip bad files with one ``except``.
+`DecodeError` naming the file and the reason, so callers can skip bad files with one ``except``. That includes a
+wanted frame the stream never reaches: a truncated file keeps a header that counts the lost frames, and padding with
+the last decoded frame would make frozen clips.
 """
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ _READ_ERRORS = (av.error.FFmpegError, OSError, ValueError, EOFError, IndexError,
 
 # Frame-count margin for the demux-only timestamp scan (decoders may reorder a few frames: B-frames).
 _REORDER_MARGIN = 32
+
+# Frames a healthy stream may fall short of what its header declares: an mp4 edit list that trims the B-frame delay
+# hides up to 2 counted frames (x264's B-pyramid), and frame numbers come from rounded timestamps (1 more). A larger
+# shortfall means the data stops early (a truncated download); at frame_step >= 3 the slack repeats at most one
+# sampled frame of a clip.
+_END_SLACK = 3
+
+# probe(verify=True) decodes the last group of pictures from packets it keeps; a longer one is not held.
+_TAIL_BYTES = 64 << 20
 
 
 class DecodeError(Exception):
@@ -171,28 +182,114 @@ def _resize_array(clip: np.ndarray, short_side: int | None) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- probe
 
-def probe(path_or_bytes, *, name: str | None = None) -> dict:
+def _tag_seconds(stream) -> float | None:
+    """The track's own duration tag (Matroska "DURATION" / "DURATION-eng", "HH:MM:SS.fraction") in seconds."""
+    for key, value in stream.metadata.items():
+        if key.upper().split("-")[0] == "DURATION":
+            try:
+                h, m, sec = str(value).strip().split(":")
+                return int(h) * 3600 + int(m) * 60 + float(sec)
+            except ValueError:
+                return None
+    return None
+
+
+def _check_complete(name: str, container, stream, count: int, begin: float, end: float | None,
+                    last_corrupt: bool) -> None:
+    """Raises DecodeError when the stream's packets (all of them were read) stop short of what the header declares.
+
+    count: video packets; begin / end: earliest pts / latest pts + duration in seconds; last_corrupt: the last packet
+    was cut short. Declared sizes: the frame count of mp4/mov/avi headers; for Matroska/WebM (no count) the segment
+    duration, tightened by the track's DURATION tag when that is shorter (a stale tag can then only weaken the
+    check). Streaming formats (MPEG-TS, fragmented mp4) declare neither: cut, they are a shorter video, and the
+    frames that are there decode as they are.
+    """
+    if last_corrupt:
+        raise DecodeError(f"{name}: truncated: the data ends inside frame {count - 1} of the video stream")
+    declared = stream.frames if stream.frames and stream.frames > 0 else 0
+    # AVI counts dropped frames (empty chunks, which yield no packet) in its header, and their timestamps still
+    # advance: the frames the timestamps reach count too
+    rate = next((float(r) for r in (stream.base_rate, stream.average_rate) if r and r > 0), 0.0)
+    reached = round((end - begin) * rate) if end is not None and math.isfinite(begin) else 0
+    if declared and max(count, reached) < declared - _END_SLACK:
+        raise DecodeError(f"{name}: truncated or damaged: the data holds {count} of the {declared} frames the "
+                          "container declares")
+    if declared or end is None or not container.duration or not container.format.name.startswith("matroska"):
+        return
+    segment = container.duration / av.time_base
+    track = _tag_seconds(stream)
+    fps = _fps(stream)
+    if track is not None and 0 < track <= segment:
+        expected, slack = track, (_END_SLACK / fps if fps > 0 else 1.0)
+    else:   # the segment spans every track, and an audio track may run on past the video
+        expected, slack = segment, max(1.0, 0.05 * segment)
+    if end < expected - slack:
+        raise DecodeError(f"{name}: truncated or damaged: the video data ends at {end:.2f} s of the "
+                          f"{expected:.2f} s the container declares")
+
+
+def _check_tail(name: str, stream, tail: list | None) -> None:
+    """Decodes the packets from the last keyframe to the end; DecodeError when that fails or yields no frame.
+
+    The packets were kept from the demux pass: seeking back to the last keyframe instead is unreliable in formats
+    without an index (MPEG-TS lands past it and decodes nothing).
+    """
+    if not tail:   # no keyframe flags, or a last group of pictures over _TAIL_BYTES: the packet checks stand alone
+        return
+    codec = stream.codec_context
+    try:
+        codec.flush_buffers()
+        decoded = sum(len(codec.decode(packet)) for packet in tail) + len(codec.decode(None))
+    except _READ_ERRORS as e:
+        raise DecodeError(f"{name}: truncated or damaged: the end of the video does not decode ({_reason(e)})") \
+            from e
+    if not decoded:
+        raise DecodeError(f"{name}: truncated or damaged: no frame decodes from the last keyframe to the end")
+
+
+def probe(path_or_bytes, *, name: str | None = None, verify: bool = False) -> dict:
     """Metadata of a video or image: num_frames, fps, duration (s), height, width, is_image.
 
     Decodes the first frame (proves the codec works). When the container does not store a frame count (webm/mkv),
     frames are counted with a demux-only pass (reads packets, decodes nothing). Images: num_frames 1, fps 0.
+    verify=True (dataset preparation) reads every packet whatever the container and decodes from the last keyframe
+    to the end. Whenever every packet is read, data that stops short of what the header declares raises
+    DecodeError (a truncated file keeps a header that promises the frames that were cut off), and num_frames is
+    the packets found when the header counts more (AVI counts dropped frames, stored as empty chunks).
     """
     name = _source_name(path_or_bytes, name)
     try:
         with _Opened(path_or_bytes, name) as (container, stream, is_image):
             stream.thread_type = "AUTO"
             known = stream.frames if stream.frames and stream.frames > 0 else 0
+            every_packet = not is_image and (verify or not known)
             first = None
             count = 0
+            end = tail = None
+            begin, tail_bytes, last_corrupt, untimed = math.inf, 0, False, False
             for packet in container.demux(stream):
                 if packet.size == 0:      # flush packet at end of stream
                     continue
                 count += 1
+                last_corrupt = packet.is_corrupt
+                if packet.pts is not None and stream.time_base:
+                    stop = float((packet.pts + (packet.duration or 0)) * stream.time_base)
+                    end = stop if end is None else max(end, stop)
+                    begin = min(begin, float(packet.pts * stream.time_base))
+                    untimed = untimed or not packet.duration
+                if verify:     # keep the packets since the last keyframe (bounded) to decode the end later
+                    if packet.is_keyframe:
+                        tail, tail_bytes = [], 0
+                    if tail is not None:
+                        tail.append(packet)
+                        tail_bytes += packet.size
+                        if tail_bytes > _TAIL_BYTES:
+                            tail = None
                 if first is None:
                     for frame in packet.decode():
                         first = frame
                         break
-                if first is not None and (known or is_image):
+                if first is not None and not every_packet:
                     break
             if first is None:             # decoders with delay: drain
                 for frame in stream.decode(None):
@@ -203,10 +300,21 @@ def probe(path_or_bytes, *, name: str | None = None) -> dict:
             if is_image:
                 return dict(num_frames=1, fps=0.0, duration=0.0, height=first.height, width=first.width,
                             is_image=True)
-            num_frames = known or count
+            if every_packet:
+                _check_complete(name, container, stream, count, begin, end, last_corrupt)
+            if verify:
+                _check_tail(name, stream, tail)
+            # packets read beat a header count that includes frames stored as empty chunks (AVI's dropped frames)
+            num_frames = min(known, count) if known and every_packet else known or count
             fps = _fps(stream)
             if stream.duration and stream.time_base:
                 duration = float(stream.duration * stream.time_base)
+            elif every_packet and end is not None and end > begin:
+                # the video's own span: Matroska stores no per-stream duration, and the container's covers every
+                # track (an audio track running on past the video would lower the frame rate computed below)
+                duration = end - begin
+                if untimed and count > 1:   # packets without durations (FLV): the span misses the last frame's
+                    duration *= count / (count - 1)
             elif container.duration:
                 duration = container.duration / av.time_base
             elif fps > 0:
@@ -289,6 +397,21 @@ class _Retry(Exception):
     """The fast index mapping did not fit this stream; decode again with the next, more careful strategy."""
 
 
+class _Ended(Exception):
+    """The stream ended before a wanted frame; args: (index of the last decoded frame or -1, first missing index)."""
+
+
+def _ended_message(name: str, stream, last: int, missing: int) -> str:
+    declared = stream.frames if stream.frames and stream.frames > 0 else 0
+    if declared and missing >= declared:
+        return f"{name}: frame {missing} is past the end of the video ({declared} frames)"
+    where = (f"nothing decodes from frame {missing} on" if last < 0
+             else f"the video stream ends after frame {last}, short of frame {missing}")
+    if declared:
+        return f"{name}: truncated or damaged: {where} of the {declared} frames the container declares"
+    return f"{name}: truncated or damaged (or an index past the end): {where}"
+
+
 def _scan_pts(container, stream, upto: int):
     """Sorted presentation timestamps of the first `upto + margin` frames (demux only); None if pts are missing."""
     pts = []
@@ -342,7 +465,7 @@ def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: 
         return cache[key]
 
     wi, counter = 0, 0
-    prev, prev_key = None, None
+    prev, prev_key, prev_index = None, None, -1
     for frame in container.decode(stream):
         if index_of is not None:
             if frame.pts is None:
@@ -354,7 +477,7 @@ def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: 
             i = counter
         counter += 1
         if i < wanted[wi]:
-            prev, prev_key = frame, counter
+            prev, prev_key, prev_index = frame, counter, i
             continue
         while wi < len(wanted) and wanted[wi] < i:   # a gap in the timestamps: the frame on screen then
             out[int(wanted[wi])] = rgb(prev, prev_key) if prev is not None else rgb(frame, counter)
@@ -362,10 +485,15 @@ def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: 
         if wi < len(wanted) and wanted[wi] == i:
             out[i] = rgb(frame, counter)
             wi += 1
-        prev, prev_key = frame, counter
+        prev, prev_key, prev_index = frame, counter, i
         if wi == len(wanted):
             break
-    if prev is not None and wi < len(wanted):        # past the end: repeat the last frame
+    if wi < len(wanted):
+        # The stream ended before a wanted frame. Within _END_SLACK frames that is a header counting frames that
+        # never show, and the last frame stands in; any further and the data stops early (a truncated file), which
+        # must fail rather than become a clip of copies of one frame.
+        if prev is None or int(wanted[-1]) - prev_index > _END_SLACK:
+            raise _Ended(prev_index if prev is not None else -1, int(wanted[wi]))
         last_rgb = rgb(prev, prev_key)
         for j in wanted[wi:]:
             out[int(j)] = last_rgb
@@ -377,8 +505,10 @@ def decode_frames(path_or_bytes, indices, short_side: int | None = None, *, name
     """uint8 [len(indices), H, W, 3] RGB frames at `indices` (presentation-order frame numbers, any order/repeats).
 
     Seeks to the keyframe before the first wanted frame and decodes only up to the last one. With `short_side`
-    the frames are resized while converting so min(H, W) == short_side (aspect kept). Indices past the end repeat
-    the last frame; images repeat their single frame. `threads`: decoder threads (0 = FFmpeg's choice).
+    the frames are resized while converting so min(H, W) == short_side (aspect kept). Images repeat their single
+    frame. An index the stream does not reach raises DecodeError (a truncated file whose header still counts the
+    lost frames), except within `_END_SLACK` frames of the last decoded one, where the last frame stands in: header
+    counts can exceed the frames that show by a few. `threads`: decoder threads (0 = FFmpeg's choice).
     Raises DecodeError naming the file for anything unreadable.
     """
     name = _source_name(path_or_bytes, name)
@@ -411,6 +541,8 @@ def decode_frames(path_or_bytes, indices, short_side: int | None = None, *, name
                         raise DecodeError(f"{name}: inconsistent frame timestamps") from None
                     strategy = retry.args[0]
                     continue
+                except _Ended as ended:
+                    raise DecodeError(_ended_message(name, stream, *ended.args)) from None
                 if not got:
                     raise DecodeError(f"{name}: no decodable video frames")
                 return np.stack([got[int(i)] for i in idx])

@@ -25,34 +25,17 @@ import numpy as np
 
 from jepa import masks as masks_lib
 from jepa.data import decode, transforms
+from jepa.data import workers as workers_lib
+from jepa.envs import A_MAX, S_MAX
 
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("world", "tfds", "manifest")
 # Fields of a source config that are not passed on to jepa.data.world.world_source as generation options.
 _SOURCE_FIELDS = ("kind", "name", "data_dir", "split", "path", "weight", "preset")
-# jepa.data.world.A_MAX / S_MAX (not imported here: that pulls TFDS into every data worker; a test checks them).
-_A_MAX, _S_MAX = 6, 32
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults of every `config.data` field this module reads (the lead's base config merges these)."""
-    return ml_collections.ConfigDict(dict(
-        sources=ml_collections.ConfigDict(),
-        num_frames=16, frame_step=4, target_fps=0.0, resolution=224, crop_scale=(0.3, 1.0),
-        crop_aspect=(0.75, 1.35), hflip=True, num_workers=0, prefetch_buffer=2, decode_short_side=0,
-        eval_mode="center", num_segments=1, max_decode_retries=8))
 
 
 # ---------------------------------------------------------------- sources
-
-
-def _field(cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping) or hasattr(cfg, "get"):
-        value = cfg.get(key, default)
-    else:
-        value = getattr(cfg, key, default)
-    return default if value is None else value
 
 
 def _source_dict(source_cfg: Any) -> dict:
@@ -65,25 +48,30 @@ def open_source(source_cfg: Any):
     """Opens one entry of config.data.sources as a random-access source (len / getitem returning records)."""
     cfg = _source_dict(source_cfg)
     kind = cfg.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data source {cfg}: kind {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+    missing = [f for f in _SOURCE_FIELDS if f not in cfg]
+    if missing:
+        raise ValueError(f"data source {cfg}: missing field(s) {missing} (build sources with jepa.config's "
+                         "world_source, folder_source or manifest_source)")
     if kind == "world":
         from jepa import config as config_lib
         from jepa.data import world
         options = {k: v for k, v in cfg.items() if k not in _SOURCE_FIELDS and v not in (None, "", 0)}
-        return world.world_source(cfg.get("data_dir") or config_lib.DEFAULT_DATA_DIR, cfg.get("split") or "train",
-                                  preset=cfg.get("preset") or "default", **options)
+        # An empty data_dir means the default cache directory.
+        return world.world_source(cfg["data_dir"] or config_lib.DEFAULT_DATA_DIR, cfg["split"],
+                                  preset=cfg["preset"], **options)
     if kind == "tfds":
         import tensorflow_datasets as tfds
-        if not cfg.get("name"):
+        if not cfg["name"]:
             raise ValueError(f"data source {cfg}: kind 'tfds' needs a dataset name")
         # Register our builders (jepa_video_folder, jepa_world) so TFDS reads them with their own code.
         from jepa.data import video_folder, world  # noqa: F401
-        return tfds.data_source(cfg["name"], data_dir=cfg.get("data_dir") or None, split=cfg.get("split") or "train")
-    if kind == "manifest":
-        from jepa.data import video_folder
-        if not cfg.get("path"):
-            raise ValueError(f"data source {cfg}: kind 'manifest' needs a path (folder or .csv/.jsonl manifest)")
-        return video_folder.ManifestSource(cfg["path"])
-    raise ValueError(f"data source {cfg}: kind {kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        return tfds.data_source(cfg["name"], data_dir=cfg["data_dir"] or None, split=cfg["split"])
+    from jepa.data import video_folder
+    if not cfg["path"]:
+        raise ValueError(f"data source {cfg}: kind 'manifest' needs a path (folder or .csv/.jsonl manifest)")
+    return video_folder.ManifestSource(cfg["path"])
 
 
 class LazySource:
@@ -130,8 +118,9 @@ def _sources_from_config(config, sources: Mapping[str, Any] | None) -> tuple[lis
         raise ValueError("config.data.sources: no data source configured")
     opened, weights = [], []
     for name in names:
-        scfg = cfg_sources[name] if name in cfg_sources else {}
-        weight = float(_field(scfg, "weight", 1.0))
+        scfg = cfg_sources[name] if name in cfg_sources else None
+        # In-memory sources (the `sources` argument) that config.data.sources does not name weigh 1.
+        weight = float(scfg.weight) if scfg is not None else 1.0
         if not weight > 0:
             raise ValueError(f"config.data.sources.{name}.weight: must be > 0, got {weight}")
         if sources is not None:
@@ -206,11 +195,11 @@ class ClipSettings:
 def clip_settings(config) -> ClipSettings:
     d = config.data
     s = ClipSettings(
-        num_frames=int(d.num_frames), frame_step=int(d.frame_step), target_fps=float(d.get("target_fps", 0.0)),
-        resolution=int(d.resolution), crop_scale=tuple(float(x) for x in d.get("crop_scale", (0.3, 1.0))),
-        crop_aspect=tuple(float(x) for x in d.get("crop_aspect", (0.75, 1.35))), hflip=bool(d.get("hflip", True)),
-        decode_short_side=int(d.get("decode_short_side", 0)), eval_mode=str(d.get("eval_mode", "center")),
-        num_segments=int(d.get("num_segments", 1)), max_decode_retries=int(d.get("max_decode_retries", 8)))
+        num_frames=int(d.num_frames), frame_step=int(d.frame_step), target_fps=float(d.target_fps),
+        resolution=int(d.resolution), crop_scale=tuple(float(x) for x in d.crop_scale),
+        crop_aspect=tuple(float(x) for x in d.crop_aspect), hflip=bool(d.hflip),
+        decode_short_side=int(d.decode_short_side), eval_mode=str(d.eval_mode),
+        num_segments=int(d.num_segments), max_decode_retries=int(d.max_decode_retries))
     if s.num_frames < 1 or s.frame_step < 1 or s.resolution < 1:
         raise ValueError(f"config.data: num_frames ({s.num_frames}), frame_step ({s.frame_step}) and resolution "
                          f"({s.resolution}) must be >= 1")
@@ -285,13 +274,13 @@ class ClipMaker:
     def extras(self, record: Mapping, indices: np.ndarray) -> dict:
         out = {"label": np.int32(record.get("label", -1))}
         if self.world:
-            actions = np.zeros((len(indices), _A_MAX), np.float32)
-            states = np.zeros((len(indices), _S_MAX), np.float32)
+            actions = np.zeros((len(indices), A_MAX), np.float32)
+            states = np.zeros((len(indices), S_MAX), np.float32)
             domain = -1
             if _is_world(record):
                 a, st = np.asarray(record["actions"], np.float32), np.asarray(record["states"], np.float32)
-                actions[:, :a.shape[1]] = a[indices, :_A_MAX]
-                states[:, :st.shape[1]] = st[indices, :_S_MAX]
+                actions[:, :a.shape[1]] = a[indices, :A_MAX]
+                states[:, :st.shape[1]] = st[indices, :S_MAX]
                 domain = int(record["domain"])
             out.update(actions=actions, states=states, domain=np.int32(domain))
         return out
@@ -339,28 +328,6 @@ class ClipMaker:
 
 
 # ---------------------------------------------------------------- masks
-
-
-def token_grid(config) -> tuple[int, int, int]:
-    """(T', H', W') token grid of a clip for the configured encoder (ValueError when not divisible)."""
-    from jepa import models  # imported here: spawned data workers never need jax/flax
-    e = config.model.encoder
-    return tuple(int(x) for x in models.token_grid(int(config.data.num_frames), int(config.data.resolution),
-                                                   int(e.patch_size), int(e.tubelet_size)))
-
-
-def mask_specs(config) -> list:
-    return masks_lib.specs_from_config(config.mask.types)
-
-
-def make_masker(config) -> masks_lib.MultiBlockMasker:
-    return masks_lib.MultiBlockMasker(token_grid(config), mask_specs(config),
-                                      length_quantile=float(config.mask.get("length_quantile", 0.1)))
-
-
-def mask_lengths(config) -> dict:
-    """name -> (num_context, num_target): the static token counts every batch carries."""
-    return dict(make_masker(config).lengths)
 
 
 class _BatchMasks:
@@ -475,11 +442,11 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
         ds = ds[process_index::process_count]
         ds = ds.batch(batch_size, drop_remainder=False)
     if masks:
-        ds = ds.map_with_index(_BatchMasks(token_grid(config), mask_specs(config),
-                                           float(config.mask.get("length_quantile", 0.1)), seed, process_index,
-                                           process_count))
-    buffer = max(1, int(config.data.get("prefetch_buffer", 2)))
-    workers = int(config.data.get("num_workers", 0))
+        ds = ds.map_with_index(_BatchMasks(masks_lib.clip_token_grid(config),
+                                           masks_lib.specs_from_config(config.mask.types),
+                                           float(config.mask.length_quantile), seed, process_index, process_count))
+    buffer = max(1, int(config.data.prefetch_buffer))
+    workers = int(config.data.num_workers)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=buffer if workers == 0 else 1,
                                                    prefetch_buffer_size=buffer))
     if workers > 0:
@@ -487,7 +454,8 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
         if not flags.FLAGS.is_parsed():  # Grain reads its absl flags; outside app.run (pytest, notebooks) use defaults
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                                   per_worker_buffer_size=buffer))
+                                                                   per_worker_buffer_size=buffer),
+                                      worker_init_fn=workers_lib.exit_with_parent)
     return ResumableIterDataset(iter_ds, workers)
 
 
@@ -519,24 +487,29 @@ def _worker_state(next_index: int, num_workers: int) -> dict:
 
 
 class ResumableIterator(grain.DatasetIterator):
-    """Counts the batches it yields; get_state/set_state (and grain.checkpoint with Orbax) use that count."""
+    """Counts the batches it yields and the unreadable clips skipped in them; get_state/set_state (and
+    grain.checkpoint with Orbax) carry both, so a resumed run continues the skip count instead of restarting it."""
 
     def __init__(self, inner: grain.DatasetIterator, num_workers: int):
         super().__init__(inner)
         self._inner, self._num_workers, self._next = inner, num_workers, 0
+        self.skipped_total = 0
 
     def __next__(self):
         batch = next(self._inner)
         self._next += 1
+        self.skipped_total += int(np.sum(batch.get("skipped", 0)))
         return batch
 
     def get_state(self) -> dict:
-        return {"next_index": self._next}
+        return {"next_index": self._next, "skipped_total": self.skipped_total}
 
     def set_state(self, state: dict) -> None:
-        if set(state) != {"next_index"}:
-            raise ValueError(f"data iterator state {state!r} is not this pipeline's {{'next_index': int}} state")
+        if "next_index" not in state or not set(state) <= {"next_index", "skipped_total"}:
+            raise ValueError(f"data iterator state {state!r} is not this pipeline's "
+                             "{'next_index': int, 'skipped_total': int} state")
         self._next = int(state["next_index"])
+        self.skipped_total = int(state.get("skipped_total", 0))  # absent in checkpoints of older versions
         self._inner.set_state(_worker_state(self._next, self._num_workers))
 
     def close(self) -> None:

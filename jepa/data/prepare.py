@@ -10,16 +10,10 @@ video folders, the files that were skipped (also stored in prepare_report.json n
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
+import types
 
-
-def _positive_or_none(text: str) -> int | None:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+from absl import flags
 
 
 def _splits(builder) -> dict[str, int]:
@@ -57,38 +51,53 @@ def _video_folder(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jepa.data.prepare", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    dmc = sub.add_parser("dmc", help="generate the DeepMind Control world-model episodes (jepa_world)")
-    dmc.add_argument("--data_dir", required=True)
-    dmc.add_argument("--preset", default="default")
-    dmc.add_argument("--episodes", type=int, default=None)
-    dmc.add_argument("--frames", type=int, default=None)
-    dmc.add_argument("--resolution", type=int, default=None)
-    dmc.add_argument("--domains", default=None, help="comma-separated domain names")
-    dmc.add_argument("--seed", type=int, default=0)
-    dmc.add_argument("--num_workers", type=_positive_or_none, default=None)
-    dmc.set_defaults(run=_dmc)
-    vf = sub.add_parser("video_folder", help="pack a folder or .csv/.jsonl manifest of videos (jepa_video_folder)")
-    vf.add_argument("--src", required=True, help="folder (labels = sub-folders) or manifest .csv/.jsonl")
-    vf.add_argument("--data_dir", required=True)
-    vf.add_argument("--name", default="default", help="config name; lets several folders share one data_dir")
-    vf.add_argument("--validation_fraction", type=float, default=0.0)
-    vf.add_argument("--num_workers", type=_positive_or_none, default=None)
-    vf.set_defaults(run=_video_folder)
-    return parser
+# Flags of each command; a flag of the other command is an error rather than silently ignored.
+COMMAND_FLAGS = {
+    "dmc": ("data_dir", "preset", "episodes", "frames", "resolution", "domains", "seed", "num_workers"),
+    "video_folder": ("src", "data_dir", "name", "validation_fraction", "num_workers"),
+}
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("data_dir", None, "where the TFDS dataset is written (both commands)")
+    flags.DEFINE_string("preset", "default", "dmc: world preset (tiny, default, control, large, ...)")
+    flags.DEFINE_integer("episodes", None, "dmc: episodes (default: the preset's)", lower_bound=1)
+    flags.DEFINE_integer("frames", None, "dmc: frames per episode (default: the preset's)", lower_bound=1)
+    flags.DEFINE_integer("resolution", None, "dmc: frame size in pixels (default: the preset's)", lower_bound=1)
+    flags.DEFINE_string("domains", None, "dmc: comma-separated domain names (default: the preset's)")
+    flags.DEFINE_integer("seed", 0, "dmc: generation seed")
+    flags.DEFINE_string("src", None, "video_folder: folder (labels = sub-folders) or manifest .csv/.jsonl")
+    flags.DEFINE_string("name", "default", "video_folder: config name; lets several folders share one data_dir")
+    flags.DEFINE_float("validation_fraction", 0.0, "video_folder: share of files held out for validation")
+    flags.DEFINE_integer("num_workers", None, "worker processes (default: automatic)", lower_bound=0)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    """`python -m jepa.data.prepare dmc|video_folder --flags` (argv: the arguments after the program name)."""
+    from jepa import cli
+    with cli.flag_scope():
+        _define_flags()
+        command = cli.parse(argv, commands=tuple(COMMAND_FLAGS), command_required=True)
+        FLAGS = flags.FLAGS
+        stray = [n for n in set().union(*COMMAND_FLAGS.values()) - set(COMMAND_FLAGS[command]) if FLAGS[n].present]
+        if stray:
+            raise cli.UsageError(f"{', '.join('--' + n for n in sorted(stray))}: not a flag of {command}")
+        missing = [n for n in ("src", "data_dir") if n in COMMAND_FLAGS[command] and not FLAGS[n].value]
+        if missing:
+            raise cli.UsageError(f"{command} needs {', '.join('--' + n for n in missing)}")
+        args = types.SimpleNamespace(**{n: FLAGS[n].value for n in COMMAND_FLAGS[command]})
     try:
-        return args.run(args)
+        return _dmc(args) if command == "dmc" else _video_folder(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
+def run() -> None:
+    """Entry of `python -m jepa.data.prepare` and the `jepa-prepare` console script."""
+    from jepa import cli
+    cli.run(main, __doc__)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -13,8 +13,10 @@ Inputs (`src`):
 
 Several folders in one data_dir: each preparation is a builder config named by `name` (default "default"), stored in
 `<data_dir>/jepa_video_folder/<name>/1.0.0/`; read back with `video_folder_source(data_dir, split, name)`.
-Files that fail `probe()` are skipped with a warning and listed in `prepare_report.json` next to the shards
-(counts, examples, reasons); more than half unusable raises ValueError.
+Every file is verified to its end (`probe(verify=True)`: all packets read, the last group of pictures decoded), so
+truncated downloads, whose headers still declare the lost frames, are caught here rather than at train time. Files
+that fail are skipped with a warning and listed in `prepare_report.json` next to the shards (counts, examples,
+reasons); more than half unusable raises ValueError.
 """
 from __future__ import annotations
 
@@ -132,13 +134,14 @@ def _in_validation(relpath: str, fraction: float) -> bool:
 
 def _probe_one(path: str):
     try:
-        return path, probe(path), None
+        return path, probe(path, verify=True), None
     except DecodeError as e:
         return path, None, str(e)
 
 
 def _probe_all(paths: Sequence[str], num_workers: int | None) -> list:
-    """probe() every file on a thread pool (PyAV releases the GIL while demuxing/decoding), with a progress bar."""
+    """probe(verify=True) every file on a thread pool (PyAV releases the GIL while demuxing/decoding), with a
+    progress bar."""
     from tqdm.auto import tqdm
     workers = num_workers or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

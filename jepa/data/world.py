@@ -2,7 +2,8 @@
 
 Why: the quick start and the world-model (action-conditioned) experiments need real video with actions and physics
 states, generated locally in minutes with no download. Episodes are cached once as a TFDS ArrayRecord dataset
-("jepa_world", builder `World`) and read back as a random-access data source (len / getitem).
+("jepa_world", builder `World`) and read back as a random-access data source (len / getitem). The environments
+that render them (domains, cameras, stepping) are `jepa.envs`, which planning and surprise use at run time.
 
 Episode semantics (one record per episode, format in the team spec "World episode record"):
   - frame t is rendered from the physics at control step t; frame 0 is the reset state (dm_control's own randomised
@@ -16,7 +17,7 @@ Episode semantics (one record per episode, format in the team spec "World episod
   - the per-episode policy is chosen from the episode seed: uniform-random actions (i.i.d. per frame) or temporally
     smooth Ornstein-Uhlenbeck noise with random stiffness/scale, always inside the action-spec bounds.
   - the record's "seed" alone determines the episode (initial state and actions): `generate_episode(domain, seed,
-    frames, resolution)` reproduces it, and `make_env(domain, seed).reset()` reproduces its first state.
+    frames, resolution)` reproduces it, and `jepa.envs.make_env(domain, seed).reset()` its first state.
 
 Determinism: episode i of a config uses seed `episode_seed(seed, i)` and domain `domains[i % len(domains)]`
 (round-robin); the same config gives byte-identical frames whatever the number of workers.
@@ -38,47 +39,11 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # before any dm_control import (they are lazy, inside functions)
-
 import numpy as np
 import tensorflow_datasets as tfds
 
-A_MAX = 6
-S_MAX = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class DomainSpec:
-    """How one (domain, task) is rendered: camera and action repeat chosen so motion is visible at 64x64."""
-
-    domain: str
-    task: str
-    camera_id: int
-    action_repeat: int  # dm_control control steps per frame (the action is held for all of them)
-    geom_radius: tuple[tuple[str, float], ...] = ()  # geoms enlarged so they are visible at 64x64
-    effector: str = ""  # the geom whose (x, y) position planning tasks steer to a goal ("" = none)
-
-
-# Seconds between frames = action_repeat * the task's control timestep (noted per line). point_mass/easy (added
-# last, so earlier domain indices are unchanged) draws its point 3x larger (radius 3 cm, ~6 px across at 64x64;
-# the 1 cm original is 1-2 px) with frames 0.16 s apart so it visibly moves; its mass is set explicitly in the
-# model, so only wall contacts change.
-_DOMAIN_SPECS = (
-    DomainSpec("cartpole", "swingup", camera_id=1, action_repeat=8),    # 0.08 s; camera 1 "lookatcart" (cam 0 is tiny)
-    DomainSpec("reacher", "easy", camera_id=0, action_repeat=4, effector="finger"),        # 0.08 s
-    DomainSpec("cheetah", "run", camera_id=0, action_repeat=4),         # 0.04 s
-    DomainSpec("walker", "walk", camera_id=0, action_repeat=2),         # 0.05 s
-    DomainSpec("finger", "spin", camera_id=0, action_repeat=2),         # 0.04 s
-    DomainSpec("ball_in_cup", "catch", camera_id=0, action_repeat=4),   # 0.08 s
-    DomainSpec("acrobot", "swingup", camera_id=0, action_repeat=4),     # 0.04 s
-    DomainSpec("hopper", "hop", camera_id=0, action_repeat=4),          # 0.08 s
-    DomainSpec("point_mass", "easy", camera_id=0, action_repeat=8, geom_radius=(("pointmass", 0.03),),
-               effector="pointmass"),                                    # 0.16 s
-)
-# Shadows and reflections off: frames look almost the same at 64x64 and render ~5x faster on llvmpipe (3 ms not 15).
-_RENDER_FLAGS = {"shadow": False, "reflection": False}
-
-DOMAINS: tuple[tuple[str, str], ...] = tuple((s.domain, s.task) for s in _DOMAIN_SPECS)
+from jepa.data import workers
+from jepa.envs import A_MAX, DOMAINS, S_MAX, WorldEnv, domain_index
 
 # episodes = total over all domains (round-robin), frames per episode, square resolution, domains (None = all nine).
 # Cost: ~4.5 ms of CPU per 64x64 frame (~6 ms at 128x128) for render + physics; ~1.35 KB per 64x64 frame on disk
@@ -96,22 +61,8 @@ SPLITS = ("train", "validation", "test")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Domains, seeds, policies
+# Seeds, policies
 # --------------------------------------------------------------------------------------------------------------------
-
-def domain_index(domain: int | str) -> int:
-    """Index into DOMAINS from an index, a domain name ("cartpole") or "domain/task"; ValueError when unknown."""
-    if isinstance(domain, (int, np.integer)) and not isinstance(domain, bool):
-        if 0 <= int(domain) < len(DOMAINS):
-            return int(domain)
-        raise ValueError(f"domain: index {domain} is out of range [0, {len(DOMAINS)})")
-    if isinstance(domain, str):
-        for i, (d, t) in enumerate(DOMAINS):
-            if domain in (d, f"{d}/{t}"):
-                return i
-    known = ", ".join(f"{d}/{t}" for d, t in DOMAINS)
-    raise ValueError(f"domain: {domain!r} is not one of the world domains ({known})")
-
 
 def episode_seed(seed: int, index: int) -> int:
     """The seed of episode `index` of a dataset made with global `seed` (fits a uint32 for MuJoCo task RNGs)."""
@@ -140,167 +91,7 @@ class _Policy:
         return np.asarray(a, np.float64)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Environments
-# --------------------------------------------------------------------------------------------------------------------
-
-class WorldEnv:
-    """A dm_control environment with exactly the dataset's settings (camera, action repeat, no time limit).
-
-    Why: planning and evaluation must step the same physics that generated the episodes. `reset()` gives
-    the episode's first observation for the env's seed (every time); `step(action)` holds the action for
-    `action_repeat` control steps. Observations are
-    {"frame": uint8 [R, R, 3], "state": float32 [S_MAX], "reward": float}.
-    """
-
-    def __init__(self, domain: int | str, seed: int, resolution: int = 64):
-        from dm_control import suite  # lazy: the EGL context belongs to the process that renders
-
-        if not isinstance(resolution, (int, np.integer)) or resolution <= 0:
-            raise ValueError(f"resolution: must be a positive int, got {resolution!r}")
-        self.domain_index = domain_index(domain)
-        spec = _DOMAIN_SPECS[self.domain_index]
-        self.domain, self.task, self.camera_id, self.action_repeat = (
-            spec.domain, spec.task, spec.camera_id, spec.action_repeat)
-        self.resolution = int(resolution)
-        self.seed = int(seed)
-        self.env = suite.load(spec.domain, spec.task, task_kwargs={"random": self.seed, "time_limit": float("inf")})
-        self.physics = self.env.physics
-        for geom, radius in spec.geom_radius:
-            self.physics.named.model.geom_size[geom, 0] = radius
-        self.effector = spec.effector
-        aspec = self.env.action_spec()
-        self.action_low = np.asarray(aspec.minimum, np.float64).reshape(aspec.shape)
-        self.action_high = np.asarray(aspec.maximum, np.float64).reshape(aspec.shape)
-        self.action_dim = int(aspec.shape[0])
-        self.num_qpos = int(self.physics.model.nq)
-        self.state_dim = int(self.physics.model.nq + self.physics.model.nv)
-        if self.action_dim > A_MAX or self.state_dim > S_MAX:
-            raise ValueError(f"domain: {self.domain}/{self.task} has action_dim {self.action_dim} / state_dim "
-                             f"{self.state_dim}, above A_MAX={A_MAX} / S_MAX={S_MAX}")
-        self.reset()  # dm_control would otherwise turn the first step() into a reset (e.g. after set_state)
-
-    def reset(self, seed: int | None = None) -> dict:
-        """Restart the episode of `seed` (default: the env's seed): the task RNG is re-seeded on every reset, so
-        the initial state is the dataset episode's whatever happened before."""
-        if seed is not None:
-            self.seed = int(seed)
-        self.env.task._random = np.random.RandomState(self.seed)  # dm_control keeps the task RNG here
-        self.env.reset()
-        return self._observe(float(self.env.task.get_reward(self.physics)))
-
-    def step(self, action) -> dict:
-        """Apply `action` ([action_dim] or zero-padded [A_MAX]; clipped to the bounds) for one frame."""
-        a = np.asarray(action, np.float64).reshape(-1)
-        if a.shape[0] not in (self.action_dim, A_MAX):
-            raise ValueError(f"action: expected {self.action_dim} (or padded {A_MAX}) values for "
-                             f"{self.domain}/{self.task}, got shape {np.shape(action)}")
-        a = np.clip(a[: self.action_dim], self.action_low, self.action_high)
-        for _ in range(self.action_repeat):
-            ts = self.env.step(a)
-        return self._observe(float(ts.reward))
-
-    def state(self) -> np.ndarray:
-        """float32 [S_MAX]: qpos then qvel, zero-padded."""
-        s = np.zeros(S_MAX, np.float32)
-        s[: self.state_dim] = np.concatenate([self.physics.data.qpos, self.physics.data.qvel])
-        return s
-
-    def effector_position(self) -> np.ndarray:
-        """float64 [2]: (x, y) of the domain's effector geom (reacher's finger tip, point_mass's point)."""
-        if not self.effector:
-            raise ValueError(f"domain: {self.domain}/{self.task} has no effector; planning tasks need one of "
-                             f"{[s.domain for s in _DOMAIN_SPECS if s.effector]}")
-        return np.array(self.physics.named.data.geom_xpos[self.effector][:2], np.float64)
-
-    def set_state(self, qpos, qvel) -> None:
-        """Put the physics in (qpos, qvel) and recompute derived quantities (positions, cameras)."""
-        qpos, qvel = np.asarray(qpos, np.float64).reshape(-1), np.asarray(qvel, np.float64).reshape(-1)
-        if qpos.shape[0] != self.num_qpos or qvel.shape[0] != self.state_dim - self.num_qpos:
-            raise ValueError(f"qpos/qvel: {self.domain}/{self.task} needs {self.num_qpos} and "
-                             f"{self.state_dim - self.num_qpos} values, got {qpos.shape[0]} and {qvel.shape[0]}")
-        with self.physics.reset_context():
-            self.physics.data.qpos[:] = qpos
-            self.physics.data.qvel[:] = qvel
-
-    def render(self) -> np.ndarray:
-        """uint8 [R, R, 3] from the dataset camera."""
-        return np.asarray(self.physics.render(self.resolution, self.resolution, camera_id=self.camera_id,
-                                              render_flag_overrides=_RENDER_FLAGS), np.uint8)
-
-    def _observe(self, reward: float) -> dict:
-        return {"frame": self.render(), "state": self.state(), "reward": reward}
-
-    def close(self) -> None:
-        """Free the rendering context."""
-        self.physics.free()
-
-
-def make_env(domain: int | str, seed: int, resolution: int = 64) -> WorldEnv:
-    """The environment of `domain` (index into DOMAINS, name, or "domain/task") with the generation settings."""
-    return WorldEnv(domain, seed, resolution)
-
-
-_RENDER_ENVS: dict[tuple[int, int], WorldEnv] = {}
 _EPISODE_ENVS: dict[tuple[int, int], WorldEnv] = {}
-
-
-def render_state(domain: int | str, task: str | None, qpos, qvel, resolution: int = 64) -> np.ndarray:
-    """uint8 [R, R, 3]: the dataset camera's view of (qpos, qvel), e.g. goal images for planning.
-
-    `task` must match the domain's task in DOMAINS (None: take it from DOMAINS). Environments are cached per process.
-    """
-    i = domain_index(domain)
-    if task is not None and task != DOMAINS[i][1]:
-        raise ValueError(f"task: {task!r} is not the world task of {DOMAINS[i][0]!r} ({DOMAINS[i][1]!r})")
-    env = _cached_env(i, resolution)
-    env.set_state(qpos, qvel)
-    return env.render()
-
-
-MAX_KEYPOINTS = 16  # keypoint slots: every domain's moving geoms fit
-
-
-def _cached_env(i: int, resolution: int) -> WorldEnv:
-    key = (i, int(resolution))
-    if key not in _RENDER_ENVS:
-        _RENDER_ENVS[key] = WorldEnv(i, 0, int(resolution))
-    return _RENDER_ENVS[key]
-
-
-def camera_projection(physics, camera_id: int) -> np.ndarray:
-    """float64 [3, 4]: world point (homogeneous) -> (u, v, 1) * depth in image coordinates, u right and v down,
-    both in [0, 1] over the frame. The camera's current pose (tracking cameras move with the bodies they follow)."""
-    pos = np.asarray(physics.data.cam_xpos[camera_id], np.float64)
-    rot = np.asarray(physics.data.cam_xmat[camera_id], np.float64).reshape(3, 3)
-    focal = 0.5 / np.tan(np.deg2rad(float(physics.model.cam_fovy[camera_id])) / 2)  # square frames
-    to_cam = np.concatenate([rot.T, -rot.T @ pos[:, None]], axis=1)   # x right, y up, looking along -z (MuJoCo)
-    flip = np.diag([1.0, 1.0, -1.0])                                     # -> (x, y, depth)
-    return np.array([[focal, 0.0, 0.5], [0.0, -focal, 0.5], [0.0, 0.0, 1.0]]) @ flip @ to_cam
-
-
-def image_keypoints(domain: int | str, states: np.ndarray, num_qpos: int) -> np.ndarray:
-    """float32 [T, MAX_KEYPOINTS, 2]: where the centre of every geom on a moving body of `domain` appears in the
-    dataset camera's frame for each state of `states` [T, >= state_dim] (qpos then qvel), as (u, v) in [0, 1] image
-    units; unused slots are zero. Why: raw qpos is a poor probe target (unbounded hinge angles wrap; tracking
-    cameras hide root translations); image positions are what a frame shows. Geom centres, not body origins: a
-    body's origin sits on its joint (a pole's origin never leaves the cart)."""
-    i = domain_index(domain)
-    env = _cached_env(i, 64)
-    if int(num_qpos) != env.num_qpos:
-        raise ValueError(f"num_qpos: {num_qpos} does not match {env.domain}/{env.task} ({env.num_qpos})")
-    geoms = np.flatnonzero(np.asarray(env.physics.model.geom_bodyid) > 0)
-    if len(geoms) > MAX_KEYPOINTS:
-        raise ValueError(f"domain: {env.domain} has {len(geoms)} moving geoms, above MAX_KEYPOINTS={MAX_KEYPOINTS}")
-    nv = env.state_dim - env.num_qpos
-    states = np.asarray(states, np.float64)
-    out = np.zeros((len(states), MAX_KEYPOINTS, 2), np.float32)
-    for t, s in enumerate(states):
-        env.set_state(s[: env.num_qpos], s[env.num_qpos: env.num_qpos + nv])
-        xpos = np.asarray(env.physics.data.geom_xpos[geoms], np.float64)
-        h = np.concatenate([xpos, np.ones((len(geoms), 1))], axis=1) @ camera_projection(env.physics, env.camera_id).T
-        out[t, :len(geoms)] = h[:, :2] / h[:, 2:3]
-    return out
 
 
 def generate_episode(domain: int | str, seed: int, frames: int, resolution: int = 64) -> dict:
@@ -403,6 +194,7 @@ def _episode_job(args) -> dict:
 def _worker_init() -> None:
     # One llvmpipe thread per worker: the workers already fill the cores, extra raster threads only contend.
     os.environ.setdefault("LP_NUM_THREADS", "1")
+    workers.exit_with_parent()  # a killed trainer or prepare command leaves no generation worker behind
 
 
 class World(tfds.core.GeneratorBasedBuilder):

@@ -17,13 +17,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa.models.ac_predictor import ACPredictor
-from jepa.models.layers import REMAT_POLICIES, Blocks
+from jepa.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Blocks
 from jepa.models.predictor import Predictor
 from jepa.models.rope import LAYOUTS as ROPE_LAYOUTS
 from jepa.models.vit import ENCODER_SIZES, VisionTransformer, token_grid
 
-__all__ = ["ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "ACPredictor", "Blocks", "Predictor",
-           "VisionTransformer", "build_ac_predictor", "build_encoder", "build_predictor", "compute_dtype",
+__all__ = ["ATTENTION_IMPLS", "DTYPES", "ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "ACPredictor", "Blocks",
+           "Predictor", "VisionTransformer", "build_ac_predictor", "build_encoder", "build_predictor", "compute_dtype",
            "resolved_dims", "token_grid"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -34,10 +34,6 @@ def compute_dtype(model_cfg):
     if name not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {tuple(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def _get(cfg, key, default=0):
-    return cfg[key] if key in cfg else default
 
 
 def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
@@ -51,7 +47,7 @@ def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
         raise ValueError(f"config.model.encoder.size must be one of {tuple(ENCODER_SIZES)}, got {size!r}")
     dims = dict(ENCODER_SIZES[size])
     for key in ("width", "depth", "heads", "mlp_dim"):
-        value = int(_get(enc, key))
+        value = int(enc[key])
         if value < 0:
             raise ValueError(f"config.model.encoder.{key} must be >= 0 (0 = the size's default), got {value}")
         if value > 0:
@@ -59,19 +55,17 @@ def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
     dims["patch_size"] = int(enc.patch_size)
     dims["tubelet_size"] = int(enc.tubelet_size)
     pred = model_cfg.predictor
-    pdims = {key: int(_get(pred, key)) for key in ("width", "depth", "heads", "num_mask_tokens")}
+    pdims = {key: int(pred[key]) for key in ("width", "depth", "heads", "num_mask_tokens")}
     for key, value in pdims.items():
         if value <= 0:
             raise ValueError(f"config.model.predictor.{key} must be positive, got {value}")
-    pdims["mlp_dim"] = int(_get(pred, "mlp_dim")) or 4 * pdims["width"]
+    pdims["mlp_dim"] = int(pred.mlp_dim) or 4 * pdims["width"]
     return {"encoder": dims, "predictor": pdims}
 
 
 def _common(model_cfg) -> dict[str, Any]:
-    # `scan` and `attention` are optional fields (defaults: scan over blocks, einsum attention).
     return dict(rope_layout=str(model_cfg.rope_layout), dtype=compute_dtype(model_cfg),
-                remat=str(model_cfg.remat), scan=bool(_get(model_cfg, "scan", True)),
-                attention_impl=str(_get(model_cfg, "attention", "einsum")))
+                remat=str(model_cfg.remat), scan=bool(model_cfg.scan), attention_impl=str(model_cfg.attention))
 
 
 def build_encoder(model_cfg, rngs: nnx.Rngs) -> VisionTransformer:
@@ -99,5 +93,5 @@ def build_ac_predictor(model_cfg, grid_hw: Sequence[int], action_dim: int, state
             raise ValueError(f"config.model.ac_predictor.{key} must be positive, got {p[key]}")
     return ACPredictor(encoder_width=resolved_dims(model_cfg)["encoder"]["width"], grid_hw=tuple(grid_hw),
                        action_dim=action_dim, state_dim=state_dim, width=int(p.width), depth=int(p.depth),
-                       heads=int(p.heads), mlp_dim=int(_get(p, "mlp_dim")) or None, **_common(model_cfg),
+                       heads=int(p.heads), mlp_dim=int(p.mlp_dim) or None, **_common(model_cfg),
                        rngs=rngs)

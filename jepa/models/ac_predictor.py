@@ -59,7 +59,6 @@ class ACPredictor(nnx.Module):
                              f"({state_dim}) must be positive")
         if len(grid_hw) != 2 or min(grid_hw) <= 0:
             raise ValueError(f"grid_hw must be two positive sizes (H', W'), got {grid_hw}")
-        mlp_dim = mlp_dim or 4 * width
         self.encoder_width, self.grid_hw = encoder_width, (int(grid_hw[0]), int(grid_hw[1]))
         self.action_dim, self.state_dim = action_dim, state_dim
         self.width, self.heads = width, heads

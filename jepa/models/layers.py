@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -177,9 +178,10 @@ def block_forward(x: jax.Array, p: dict, cos_q, sin_q, cos_k, sin_k, *, heads: i
 class Blocks(nnx.Module):
     """`depth` identical pre-LN transformer blocks with 3D RoPE, parameters stacked along axis 0."""
 
-    def __init__(self, *, width: int, depth: int, heads: int, mlp_dim: int, dtype=jnp.float32,
+    def __init__(self, *, width: int, depth: int, heads: int, mlp_dim: int | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", scan: bool = True, attention_impl: str = "einsum",
                  rngs: nnx.Rngs):
+        mlp_dim = mlp_dim or 4 * width  # None or 0: the usual 4x expansion
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         if width <= 0 or depth <= 0 or heads <= 0 or mlp_dim <= 0:
@@ -214,13 +216,27 @@ class Blocks(nnx.Module):
     PARAM_NAMES = ("norm1_scale", "norm1_bias", "qkv_kernel", "qkv_bias", "proj_kernel", "proj_bias",
                    "norm2_scale", "norm2_bias", "fc1_kernel", "fc1_bias", "fc2_kernel", "fc2_bias")
 
+    def resolve_layers(self, layers: Sequence[int]) -> tuple[int, ...]:
+        """Block indices (negative from the end) -> sorted distinct indices in [0, depth)."""
+        out = set()
+        for layer in layers:
+            i = int(layer)
+            if not -self.depth <= i < self.depth:
+                raise ValueError(f"return_layers: {layer} is out of range for {self.depth} blocks")
+            out.add(i % self.depth)
+        return tuple(sorted(out))
+
     def __call__(self, x: jax.Array, rope_tables: tuple, token_idx: jax.Array | None,
-                 mask: jax.Array | None = None) -> jax.Array:
+                 mask: jax.Array | None = None, return_layers: Sequence[int] = ()):
         """x [B, N, w] (any float dtype; the residual runs in float32) -> float32 [B, N, w].
 
         rope_tables: (cos, sin) numpy [L, R] over the whole grid (unscaled); token_idx [B, N] picks each token's
         row, or None when x holds every grid token in order. mask: optional bool [N, N], True where query i
-        may attend to key j (e.g. block-causal); None = full attention."""
+        may attend to key j (e.g. block-causal); None = full attention.
+
+        return_layers: block indices (negative from the end); when given, returns (x, {i: the residual stream
+        after block i}). The scan then runs in segments that end at the requested blocks, so only those
+        outputs are kept (no [depth, ...] stack) and every shape stays static."""
         hd = self.width // self.heads
         cos, sin = rope_tables
         qscale = 1.0 / math.sqrt(hd)
@@ -235,10 +251,23 @@ class Blocks(nnx.Module):
         policy = remat_policy(self.remat)
         if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
-        x = x.astype(jnp.float32)
-        if self.scan:
-            x, _ = jax.lax.scan(body, x, params)
-        else:
-            for i in range(self.depth):
+
+        def run(x, start: int, stop: int):  # blocks start .. stop - 1
+            if self.scan:
+                seg = params if (start, stop) == (0, self.depth) else jax.tree.map(lambda a: a[start:stop], params)
+                return jax.lax.scan(body, x, seg)[0]
+            for i in range(start, stop):
                 x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], params))
-        return x
+            return x
+
+        x = x.astype(jnp.float32)
+        if not return_layers:
+            return run(x, 0, self.depth)
+        layers = self.resolve_layers(return_layers)
+        outputs, start = {}, 0
+        for stop in sorted({*layers, self.depth - 1}):
+            x = run(x, start, stop + 1)
+            if stop in layers:
+                outputs[stop] = x
+            start = stop + 1
+        return x, outputs

@@ -41,15 +41,12 @@ class Predictor(nnx.Module):
         grid = tuple(int(g) for g in grid)
         if len(grid) != 3 or min(grid) <= 0:
             raise ValueError(f"grid must be three positive sizes (T', H', W'), got {grid}")
-        mlp_dim = 4 * width if not mlp_dim else mlp_dim
-        self.encoder_width, self.width, self.depth = encoder_width, width, depth
-        self.heads, self.mlp_dim = heads, mlp_dim
-        self.num_mask_tokens, self.grid = num_mask_tokens, grid
-        self.rope_layout = rope_lib.check_layout(rope_layout)
-        self.dtype = dtype
         self.blocks = layers.Blocks(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dtype=dtype,
                                     param_dtype=param_dtype, remat=remat, scan=scan,
                                     attention_impl=attention_impl, rngs=rngs)
+        self.encoder_width, self.width, self.depth, self.heads = encoder_width, width, depth, heads
+        self.mlp_dim, self.num_mask_tokens, self.grid = self.blocks.mlp_dim, num_mask_tokens, grid
+        self.rope_layout, self.dtype = rope_lib.check_layout(rope_layout), dtype
         self.embed_kernel = nnx.Param(layers.trunc_normal(rngs.params(), (encoder_width, width), dtype=param_dtype))
         self.embed_bias = nnx.Param(jnp.zeros((width,), param_dtype))
         self.mask_tokens = nnx.Param(jnp.zeros((num_mask_tokens, width), param_dtype))  # zero init, as released

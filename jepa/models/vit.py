@@ -19,6 +19,8 @@ Checkpoint conversion (reference PyTorch -> ours):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -96,9 +98,14 @@ class VisionTransformer(nnx.Module):
         _, t, h, w, _ = video_shape
         return token_grid(t, (h, w), self.patch_size, self.tubelet_size)
 
-    def __call__(self, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
+    def __call__(self, video: jax.Array, token_idx: jax.Array | None = None,
+                 return_layers: Sequence[int] = ()):
         """video [B, T, H, W, C] float -> float32 [B, N, width] for the tokens token_idx [B, N] (indices into the
-        time-major flattened grid, any order; outputs follow that order), or all L grid tokens when None."""
+        time-major flattened grid, any order; outputs follow that order), or all L grid tokens when None.
+
+        return_layers: block indices (0-based, negative from the end); when given, returns (output,
+        {"blocks": {i: block i's output after the final LayerNorm}}) (the reference's `out_layers`: intermediate
+        layers share the final norm). The last block's entry is the output itself."""
         if video.ndim != 5 or video.shape[-1] != self.in_channels:
             raise ValueError(f"video must be [B, T, H, W, {self.in_channels}], got shape {tuple(video.shape)}")
         grid = self.grid(video.shape)
@@ -110,5 +117,9 @@ class VisionTransformer(nnx.Module):
         kernel = self.patch_kernel[...].reshape(-1, self.width)
         x = layers.dense(x, kernel, self.patch_bias[...], self.dtype)
         tables = rope_lib.rope_tables(grid, self.width // self.heads, self.rope_layout)
-        x = self.blocks(x, tables, token_idx)
-        return layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], jnp.float32)
+        norm = lambda x: layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], jnp.float32)
+        if not return_layers:
+            return norm(self.blocks(x, tables, token_idx))
+        x, blocks = self.blocks(x, tables, token_idx, return_layers=return_layers)
+        out = norm(x)
+        return out, {"blocks": {i: out if i == self.depth - 1 else norm(h) for i, h in blocks.items()}}

@@ -11,6 +11,7 @@ An objective owns its models' graph definitions and provides, with static shapes
 
 from __future__ import annotations
 
+from jepa import masks
 from jepa.objectives.ac import ActionConditioned
 from jepa.objectives.vjepa import VJEPA
 
@@ -18,12 +19,10 @@ OBJECTIVES = ("vjepa", "ac")
 
 
 def build(config, grid=None):
-    """The objective config.objective names ("vjepa" when the field is absent); grid: the clip token grid."""
-    name = config.get("objective", "vjepa")
+    """The objective config.objective names; grid: the clip token grid."""
+    name = config.objective
     if name == "vjepa":
-        from jepa.data import pipeline
-
-        return VJEPA.from_config(config, pipeline.token_grid(config) if grid is None else grid)
+        return VJEPA.from_config(config, masks.clip_token_grid(config) if grid is None else grid)
     if name == "ac":
         return ActionConditioned.from_config(config)
     raise ValueError(f"config.objective: {name!r} is not one of {OBJECTIVES}")

@@ -24,10 +24,16 @@ from flax import nnx
 
 from jepa import metrics as metrics_lib
 from jepa import models
-from jepa.data.world import A_MAX, S_MAX
+from jepa.envs import A_MAX, S_MAX
 from jepa.objectives.vjepa import gated_representation_stats, layer_norm, normalize_video
 
 Params = Any
+
+# config.world_model.state_source: "none" = vision only, "physics" = the padded (qpos, qvel) state is an input.
+STATE_SOURCES = ("none", "physics")
+# config.encoder_weights: the pretraining run's EMA encoder (config.encoder_from), or the same architecture
+# untrained (the planning baseline).
+ENCODER_WEIGHTS = ("pretrained", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +145,7 @@ class ActionConditioned:
         e = dims["encoder"]
         p = config.model.ac_predictor
         pw, pd = int(p.width), int(p.depth)
-        pm = int(p.get("mlp_dim", 0)) or 4 * pw
+        pm = int(p.mlp_dim) or 4 * pw
         n = (int(config.data.resolution) // e["patch_size"]) ** 2
         t, r = int(config.data.num_frames), int(config.world_model.rollout_steps)
         encoder = t * (metrics_lib.patch_embed_flops(n, e["width"], e["patch_size"], e["tubelet_size"])

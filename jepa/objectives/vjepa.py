@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jepa import models
+from jepa import masks, models
 from jepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jepa.metrics import effective_rank, vjepa_step_flops
 from jepa.models.rope import grid_positions
@@ -113,12 +113,10 @@ class VJEPA:
     @staticmethod
     def step_flops(config) -> float:
         """Analytic model FLOPs of one train step over the global batch (see jepa/metrics.py)."""
-        from jepa.data import pipeline
-
         dims = models.resolved_dims(config.model)
         encoder = dict(dims["encoder"], patch_size=config.model.encoder.patch_size,
                        tubelet_size=config.model.encoder.tubelet_size)
-        return vjepa_step_flops(int(np.prod(pipeline.token_grid(config))), pipeline.mask_lengths(config), encoder,
+        return vjepa_step_flops(int(np.prod(masks.clip_token_grid(config))), masks.mask_lengths(config), encoder,
                                 dims["predictor"], config.train.global_batch_size)
 
     # ---- forward passes ----
