@@ -42,6 +42,9 @@ setup(
         # The embedded world dataset: DeepMind Control Suite rendered by MuJoCo (mujoco 4 breaks dm-control 1.0.50).
         "dmc": ["mujoco==3.17.0", "dm-control==1.0.50"],
         "notebooks": ["nbformat>=5.9", "nbclient>=0.10", "ipykernel>=6.29", "matplotlib>=3.8"],
+        # `python -m jepa.convert`: safetensors for Hugging Face folders; torch only to read or write Meta's .pt
+        # files (torch.load(weights_only=True)). For a CPU-only torch, install it first from PyTorch's CPU index.
+        "interop": ["safetensors>=0.4,<1", "torch>=2.6"],
         "dev": [
             "pytest>=8",
             "tensorboard>=2.16",
@@ -51,6 +54,12 @@ setup(
             "nbclient>=0.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            # Parity tests against transformers' VJEPA2Model (tests/test_convert.py). torch is pinned to the CPU
+            # build that pip finds on this project's machines: a range admitting a newer release pulls a
+            # several-GB CUDA build.
+            "torch==2.13.0",
+            "transformers>=5,<6",
+            "safetensors>=0.4,<1",
         ],
     },
     entry_points={
@@ -62,6 +71,7 @@ setup(
             "jepa-surprise=jepa.surprise:run",
             "jepa-prepare=jepa.data.prepare:run",
             "jepa-data-bench=jepa.data.bench:run_cli",
+            "jepa-convert=jepa.convert:run",
         ],
     },
 )

@@ -8,7 +8,10 @@
 The encoder's architecture and EMA weights come from the pretraining run (`encoder_from`); with
 `--config.encoder_weights=random` the same architecture starts from random weights (the planning baseline).
 Data: the world dataset's "control" preset (reacher and point_mass episodes with their actions), clips of
-consecutive frames with no crop or flip (either would break the action semantics).
+frames `world_model.action_block` steps apart, each carrying the actions between it and the next frame, with no
+crop or flip (either would break the action semantics). One latent step covers a block of 5 environment steps,
+so the planner's 2 blocks cover the goal's 10 steps; the rollout loss and the planner start from 2 observed
+frames (velocities are visible).
 """
 
 from jepa import config as cfg
@@ -21,7 +24,8 @@ def get_config(arg: str = ""):
 
     c.data.sources = {"control": cfg.world_source("control")}
     c.data.num_frames = 4
-    c.data.frame_step = 1
+    c.world_model.update(action_block=5, context_frames=2, rollout_steps=2)
+    c.data.frame_step = c.world_model.action_block  # validate() holds them equal
     c.data.resolution = 64
     c.data.crop_scale = (1.0, 1.0)
     c.data.crop_aspect = (1.0, 1.0)
@@ -55,6 +59,7 @@ def get_config(arg: str = ""):
         c.train.total_steps = 6
         c.train.log_every = 1
         c.train.checkpoint_every = 3
+        c.world_model.action_block = c.data.frame_step = 1
         c.plan.update(samples=16, elites=4, iterations=2, episode_steps=3, goal_steps=3)
     elif arg:
         raise ValueError(f"configs/world_model.py: unknown variant {arg!r} (expected '' or 'tiny')")

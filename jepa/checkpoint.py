@@ -123,38 +123,52 @@ def _move_aside(workdir_root: epath.Path, step_dir: epath.Path) -> epath.Path:
     return target
 
 
-def _restore_newest_intact(directory: epath.Path, restore_fn, *, fallback: bool, what: str,
-                           only_step: int | None = None) -> tuple[Any, int] | None:
-    """Tries the steps newest first: verify the seal, then restore. A damaged step is named in one paragraph and
-    either raised (fallback=False, or a step asked for by number) or moved aside (process 0) before trying the next
-    older one. Returns (restored, step), or None when there is no checkpoint at all."""
-    steps = [only_step] if only_step is not None else _steps_on_disk(directory)
-    if only_step is not None and not (directory / str(only_step)).exists():
-        raise FileNotFoundError(f"no checkpoint of step {only_step} in {directory}")
+class CheckpointMismatchError(RuntimeError):
+    """An intact checkpoint that does not fit the state it is restored into (another model or config)."""
+
+
+def _restore_verified(directory: epath.Path, step: int, restore_fn) -> tuple[Any, str | None]:
+    """(restored, None), or (None, what is wrong) when the step is damaged. A step whose checksums match but that
+    does not restore is not damage: it raises CheckpointMismatchError. An unsealed step that fails to restore cannot
+    be told apart from damage and counts as damaged."""
+    step_dir = directory / str(step)
+    intact, why = verify(step_dir)
+    if intact is False:
+        return None, why
+    if intact is None:
+        logging.info("checkpoint step %d in %s: %s; restoring it unverified", step, directory, why)
+    try:
+        return restore_fn(step), None
+    except Exception as e:  # storage-level failures and structure mismatches alike surface as assorted errors
+        if intact:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {directory} is intact (its checksums match) but does not restore into "
+                f"this run's state: {_short(e)}. Was it written with another model or config?") from e
+        return None, f"restoring it failed ({_short(e)})"
+
+
+def _restore_newest_intact(directory: epath.Path, restore_fn, *, fallback: bool, what: str) -> tuple[Any, int] | None:
+    """Tries the steps newest first. A damaged step is named in one paragraph and either raised (fallback=False) or
+    moved aside (process 0) before the next older one is tried. Returns (restored, step), or None when there is no
+    checkpoint at all."""
     damaged = []
-    for step in steps:
-        step_dir = directory / str(step)
-        intact, why = verify(step_dir)
-        if intact is None:
-            logging.info("checkpoint step %d in %s: %s; restoring it unverified", step, directory, why)
-        if intact is not False:
-            try:
-                return restore_fn(step), step
-            except Exception as e:  # any storage-level failure of a checkpoint is reported as damage
-                intact, why = False, f"restoring it failed ({_short(e)})"
+    for step in _steps_on_disk(directory):
+        restored, why = _restore_verified(directory, step, restore_fn)
+        if why is None:
+            return restored, step
         older = [s for s in _steps_on_disk(directory) if s < step]
-        message = (f"{what}: checkpoint step {step} in {directory} is damaged: {why}. ")
-        if not fallback or only_step is not None:
+        message = f"{what}: checkpoint step {step} in {directory} is damaged: {why}. "
+        if not fallback:
             raise CheckpointDamagedError(
                 message + (f"Intact-looking earlier steps: {older}. " if older else "There is no earlier step. ") +
                 "Nothing was deleted; move the damaged step directory away (or pass "
                 "--config.train.checkpoint_fallback=True) to resume from an earlier one.")
         if jax.process_index() == 0:
-            moved = _move_aside(directory.parent, step_dir)
+            moved = _move_aside(directory.parent, step_dir=directory / str(step))
             message += f"It was moved to {moved} (not deleted). "
         damaged.append(step)
         logging.warning(message + ("Falling back to the newest earlier checkpoint." if older else
-                                   "No earlier checkpoint is left: starting from scratch."))
+                                   "No earlier checkpoint is left."))
     if damaged:
         raise CheckpointDamagedError(f"{what}: every checkpoint in {directory} is damaged (steps {damaged}, moved "
                                      f"to {directory.parent / DAMAGED_DIR}); nothing to resume from.")
@@ -311,15 +325,12 @@ def load_state(workdir: str, abstract_state: Any, step: int | None = None, *,
         if not steps:
             raise FileNotFoundError(f"no finished checkpoint in {directory}")
         for candidate in steps:
-            step_dir = directory / str(candidate)
-            if not step_dir.exists():
+            if not (directory / str(candidate)).exists():
                 raise FileNotFoundError(f"no checkpoint of step {candidate} in {directory}")
-            intact, why = verify(step_dir)
-            if intact is not False:
-                try:
-                    return manager.restore(candidate, args=ocp.args.Composite(state=restore))["state"], candidate
-                except Exception as e:  # storage-level failures are reported as damage below
-                    why = f"restoring it failed ({_short(e)})"
+            restored, why = _restore_verified(directory, candidate, lambda s: manager.restore(
+                s, args=ocp.args.Composite(state=restore))["state"])
+            if why is None:
+                return restored, candidate
             message = f"checkpoint step {candidate} in {directory} is damaged: {why}."
             if step is not None:
                 raise CheckpointDamagedError(message)

@@ -207,7 +207,8 @@ def _explained_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story: a bad config value, a locked workdir, a damaged checkpoint, a
     diverged run (its step and last good checkpoint named)."""
     from jepa import checkpoint, config, workdir
-    errors = [config.ConfigError, workdir.WorkdirLockedError, checkpoint.CheckpointDamagedError]
+    errors = [config.ConfigError, workdir.WorkdirLockedError, checkpoint.CheckpointDamagedError,
+              checkpoint.CheckpointMismatchError]
     for name in ("jepa.train", "__main__"):  # `python -m jepa.train` runs the trainer as __main__
         error = getattr(sys.modules.get(name), "NonFiniteLossError", None)
         if isinstance(error, type):

@@ -72,7 +72,7 @@ def base_config() -> ConfigDict:
     c.seed = 0
     c.objective = "vjepa"              # "vjepa" (pretraining) | "ac" (world model: configs/world_model.py)
 
-    # ---- data (jepa/data/pipeline.py) ----
+    # ---- data (jepa/data: sources.py, clips.py, pipeline.py) ----
     c.data = ConfigDict()
     c.data.sources = ConfigDict({"world": world_source()})
     c.data.num_frames = 16
@@ -121,16 +121,26 @@ def base_config() -> ConfigDict:
     c.world_model = ConfigDict(dict(
         rollout_steps=2,               # autoregressive steps of the rollout loss (the reference's 2)
         state_source="none",           # "none": vision only; "physics": feed the padded (qpos, qvel) state
+        action_block=1,                # environment steps per latent step: their actions form one action token
+                                       # (data.frame_step must equal it, so clips keep every action in order)
+        context_frames=2,              # observed frames the rollout loss starts from (>= 2 show velocities)
+        action_to_patches=False,       # also add each step's action embedding to every patch token of the step
+        inverse_dynamics_weight=0.0,   # > 0: infer the action from (z_t, predicted z_t+1); weight of that L1 loss
     ))
 
     # ---- planning and surprise with a world model (jepa/planning.py, jepa/plan.py, jepa/surprise.py) ----
     # The reference's CEM is horizon 2, 400 samples, top 10, 10 iterations on a GPU.
     c.plan = ConfigDict(dict(
-        horizon=2, samples=64, elites=8, iterations=4, momentum=0.0, init_std=1.0, min_std=0.05,
-        execute_steps=1,               # actions executed per plan before re-planning
-        context_frames=1,              # latest frames the planner conditions on (2 hurt reacher: 3/4 -> 0/4)
-        episode_steps=20,              # control steps per planning episode
-        goal_steps=10,                 # the goal: where random smooth actions take the system in this many steps
+        horizon=0,                     # planned blocks; 0: ceil(goal_steps / world_model.action_block)
+        samples=256, elites=16, iterations=8, momentum=0.1, init_std=1.0, min_std=0.05,
+        energy_steps="last",           # "last": the last planned block's prediction vs the goal; "all": every block
+        energy_norm="l1",              # "l1": mean |prediction - goal| over patches and dims; "l2": mean squared
+        optimizer="cem",               # "cem" (refit to the elites) or "mppi" (all samples, weights exp(-E / T))
+        temperature=0.5,               # mppi: T in units of the iteration's energy std
+        execute_steps=1,               # blocks (world_model.action_block actions each) executed per plan
+        context_frames=0,              # latest frames the planner conditions on; 0: world_model.context_frames
+        episode_steps=20,              # control steps per planning episode (a multiple of the action block)
+        goal_steps=10,                 # the goal: where one random constant action takes the system in this many steps
         surprise_quantile=0.99,        # monitor threshold: this quantile of surprise on unaltered clips
     ))
 
@@ -180,10 +190,11 @@ def validate(c: ConfigDict) -> None:
             raise ConfigError(f"config.{field}: {why}")
 
     # The allowed values are the constants the code itself dispatches on (imported here: jax is loaded lazily).
-    from jepa.data.pipeline import SOURCE_KINDS
+    from jepa.data.sources import SOURCE_KINDS
     from jepa.models import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ROPE_LAYOUTS
     from jepa.objectives import OBJECTIVES
     from jepa.objectives.ac import ENCODER_WEIGHTS, STATE_SOURCES
+    from jepa.planning import ENERGY_NORMS, ENERGY_STEPS, OPTIMIZERS
     from jepa.sharding import DISTRIBUTED_MODES
 
     def one_of(values) -> str:
@@ -197,8 +208,37 @@ def validate(c: ConfigDict) -> None:
     if objective == "ac":
         need(c.world_model.state_source in STATE_SOURCES, "world_model.state_source",
              f"{c.world_model.state_source!r} is not one of {one_of(STATE_SOURCES)}")
-        need(1 <= c.world_model.rollout_steps < d.num_frames, "world_model.rollout_steps",
-             f"{c.world_model.rollout_steps} must lie in [1, data.num_frames - 1 = {d.num_frames - 1}]")
+        wm, p = c.world_model, c.plan
+        need(wm.context_frames >= 1, "world_model.context_frames", f"must be >= 1, got {wm.context_frames}")
+        need(1 <= wm.rollout_steps <= d.num_frames - wm.context_frames, "world_model.rollout_steps",
+             f"{wm.rollout_steps} must lie in [1, data.num_frames - world_model.context_frames = "
+             f"{d.num_frames - wm.context_frames}]")
+        need(wm.action_block >= 1, "world_model.action_block", f"must be >= 1, got {wm.action_block}")
+        need(wm.inverse_dynamics_weight >= 0, "world_model.inverse_dynamics_weight",
+             f"must be >= 0, got {wm.inverse_dynamics_weight}")
+        # A clip keeps the frame_step actions between two kept frames as one block: they must be the model's block.
+        need(d.frame_step == wm.action_block, "data.frame_step",
+             f"{d.frame_step} must equal world_model.action_block={wm.action_block} (each latent step's action "
+             "token holds the actions of the environment steps between its frames)")
+        need(d.target_fps == 0, "data.target_fps", f"must be 0 for a world model (got {d.target_fps}): the frame "
+             "step is world_model.action_block")
+        need(p.context_frames in (0, wm.context_frames), "plan.context_frames",
+             f"{p.context_frames} must be 0 (derived) or equal world_model.context_frames={wm.context_frames}: "
+             "the planner conditions on as many frames as the model was trained from")
+        need(p.goal_steps >= 1, "plan.goal_steps", f"must be >= 1, got {p.goal_steps}")
+        need(p.horizon == 0 or p.horizon * wm.action_block >= p.goal_steps, "plan.horizon",
+             f"{p.horizon} blocks of world_model.action_block={wm.action_block} steps do not reach plan.goal_steps="
+             f"{p.goal_steps} (0 derives the shortest horizon that does)")
+        need(p.horizon >= 0, "plan.horizon", f"must be >= 0, got {p.horizon}")
+        need(p.episode_steps >= 1 and p.episode_steps % wm.action_block == 0, "plan.episode_steps",
+             f"{p.episode_steps} must be a positive multiple of world_model.action_block={wm.action_block}")
+        need(p.execute_steps >= 1, "plan.execute_steps", f"must be >= 1, got {p.execute_steps}")
+        need(p.energy_steps in ENERGY_STEPS, "plan.energy_steps",
+             f"{p.energy_steps!r} is not one of {one_of(ENERGY_STEPS)}")
+        need(p.optimizer in OPTIMIZERS, "plan.optimizer", f"{p.optimizer!r} is not one of {one_of(OPTIMIZERS)}")
+        need(p.temperature > 0, "plan.temperature", f"must be > 0, got {p.temperature}")
+        need(p.energy_norm in ENERGY_NORMS, "plan.energy_norm",
+             f"{p.energy_norm!r} is not one of {one_of(ENERGY_NORMS)}")
         need(c.encoder_weights in ENCODER_WEIGHTS, "encoder_weights",
              f"{c.encoder_weights!r} is not one of {one_of(ENCODER_WEIGHTS)}")
         need(c.encoder_weights == "random" or bool(c.encoder_from), "encoder_from",

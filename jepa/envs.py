@@ -149,6 +149,31 @@ class WorldEnv:
             self.physics.data.qpos[:] = qpos
             self.physics.data.qvel[:] = qvel
 
+    def simulate(self, actions) -> np.ndarray:
+        """Effector (x, y) after every step of each action sequence [S, T, action_dim] (clipped to the bounds),
+        each started from the current state on a copy of the physics: float64 [S, T, 2]. The environment itself
+        is not changed. Why: the planning oracle scores candidate plans with the true simulator, exactly as
+        `step` would play them (the action held for `action_repeat` control steps of dm_control's sub-steps)."""
+        import mujoco
+        a = np.asarray(actions, np.float64)
+        if a.ndim != 3 or a.shape[2] != self.action_dim:
+            raise ValueError(f"actions: expected [samples, steps, {self.action_dim}], got shape {a.shape}")
+        if not self.effector:
+            self.effector_position()  # raises: no effector to report
+        a = np.clip(a, self.action_low, self.action_high)
+        if getattr(self, "_scratch", None) is None:
+            self._scratch = self.physics.copy(share_model=True)
+        sim, m = self._scratch, self.physics.model.ptr
+        sub_steps = self.env._n_sub_steps * self.action_repeat  # dm_control's physics steps per control step
+        out = np.empty((a.shape[0], a.shape[1], 2))
+        for i, sequence in enumerate(a):
+            mujoco.mj_copyData(sim.data.ptr, m, self.physics.data.ptr)
+            for t, action in enumerate(sequence):
+                sim.set_control(action)
+                sim.step(sub_steps)
+                out[i, t] = sim.named.data.geom_xpos[self.effector][:2]
+        return out
+
     def render(self) -> np.ndarray:
         """uint8 [R, R, 3] from the dataset camera."""
         return np.asarray(self.physics.render(self.resolution, self.resolution, camera_id=self.camera_id,
@@ -159,6 +184,8 @@ class WorldEnv:
 
     def close(self) -> None:
         """Free the rendering context."""
+        if getattr(self, "_scratch", None) is not None:
+            self._scratch.free()
         self.physics.free()
 
 
@@ -226,3 +253,71 @@ def image_keypoints(domain: int | str, states: np.ndarray, num_qpos: int) -> np.
         h = np.concatenate([xpos, np.ones((len(geoms), 1))], axis=1) @ camera_projection(env.physics, env.camera_id).T
         out[t, :len(geoms)] = h[:, :2] / h[:, 2:3]
     return out
+
+
+# ---------------------------------------------------------------- re-rendering and re-simulating episodes
+# Violation-of-expectation clips (jepa/surprise.py) are rendered here: both clips of a pair go through the same
+# renderer, so nothing but the event tells them apart.
+
+_CHANGED_ENVS: dict[tuple[int, int, float, float], WorldEnv] = {}
+
+
+def changed_env(domain: int | str, resolution: int = 64, *, mass_scale: float = 1.0,
+                actuator_sign: float = 1.0) -> WorldEnv:
+    """A cached environment of `domain` whose model differs from the dataset's: every body's mass and inertia
+    times `mass_scale`, every actuator's gear times `actuator_sign` (1 and 1: the dataset's model). Call
+    `reset(seed)` before use: the episode's scene is drawn there."""
+    if not mass_scale > 0:
+        raise ValueError(f"mass_scale: must be > 0, got {mass_scale}")
+    if actuator_sign not in (1.0, -1.0):
+        raise ValueError(f"actuator_sign: must be 1 or -1, got {actuator_sign}")
+    key = (domain_index(domain), int(resolution), float(mass_scale), float(actuator_sign))
+    if key not in _CHANGED_ENVS:
+        env = WorldEnv(key[0], 0, key[1])
+        model = env.physics.model
+        model.body_mass[1:] *= mass_scale      # body 0 is the world
+        model.body_inertia[1:] *= mass_scale
+        model.actuator_gear[:, 0] *= actuator_sign
+        _CHANGED_ENVS[key] = env
+    return _CHANGED_ENVS[key]
+
+
+def render_states(domain: int | str, seed: int, states, resolution: int = 64,
+                  hidden_geoms: tuple[str, ...] = ()) -> np.ndarray:
+    """uint8 [T, R, R, 3]: the dataset camera's view of each physics state of `states` [T, >= state_dim] (qpos then
+    qvel) in the scene of the episode of `seed` (e.g. reacher's target), the geoms `hidden_geoms` not drawn."""
+    env = changed_env(domain, resolution)
+    env.reset(seed)
+    rgba = env.physics.named.model.geom_rgba
+    alpha = {g: float(rgba[g, 3]) for g in hidden_geoms}  # KeyError names an unknown geom
+    nv = env.state_dim - env.num_qpos
+    out = []
+    try:
+        for g in hidden_geoms:
+            rgba[g, 3] = 0.0
+        for s in np.asarray(states, np.float64):
+            env.set_state(s[:env.num_qpos], s[env.num_qpos:env.num_qpos + nv])
+            out.append(env.render())
+    finally:
+        for g, a in alpha.items():
+            rgba[g, 3] = a
+    return np.stack(out) if out else np.zeros((0, env.resolution, env.resolution, 3), np.uint8)
+
+
+def resimulate(domain: int | str, seed: int, state, actions, resolution: int = 64, *, mass_scale: float = 1.0,
+               actuator_sign: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Replay `actions` [H, action_dim or A_MAX] (one frame each) from the physics `state` [>= state_dim] of the
+    episode of `seed`, in the model changed by `mass_scale` and `actuator_sign` (see changed_env) -> the frames
+    uint8 [H, R, R, 3] and states float32 [H, S_MAX] after each action."""
+    env = changed_env(domain, resolution, mass_scale=mass_scale, actuator_sign=actuator_sign)
+    env.reset(seed)
+    s = np.asarray(state, np.float64).reshape(-1)
+    env.set_state(s[:env.num_qpos], s[env.num_qpos:env.state_dim])
+    frames, states = [], []
+    for a in np.asarray(actions, np.float64).reshape(len(actions), -1):
+        obs = env.step(a)
+        frames.append(obs["frame"])
+        states.append(obs["state"])
+    if not frames:
+        return np.zeros((0, env.resolution, env.resolution, 3), np.uint8), np.zeros((0, S_MAX), np.float32)
+    return np.stack(frames), np.stack(states)

@@ -42,7 +42,8 @@ from jepa import config as config_lib
 from jepa import masks, models, runs, sharding
 from jepa import metrics as metrics_lib
 from jepa import workdir as workdir_lib
-from jepa.data import pipeline
+from jepa.data import clips, pipeline
+from jepa.data import sources as sources_lib
 from jepa.objectives.vjepa import normalize_video
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ def make_plan(config, batch_size: int, process_index: int, process_count: int) -
     config.train.global_batch_size = batch_size
     config.data.num_workers = min(int(config.data.num_workers), 2)
     names = sorted(config.data.sources.keys())
-    sources = [pipeline.LazySource(config.data.sources[n], opened=pipeline.open_source(config.data.sources[n]))
+    sources = [sources_lib.LazySource(config.data.sources[n], opened=sources_lib.open_source(config.data.sources[n]))
                for n in names]
     total = sum(len(s) for s in sources) * int(config.data.num_segments)
     if total == 0:
@@ -156,7 +157,7 @@ class RowInfo:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.maker = pipeline.ClipMaker(plan.names, plan.sources, pipeline.clip_settings(plan.config), train=False,
+        self.maker = clips.ClipMaker(plan.names, plan.sources, clips.clip_settings(plan.config), train=False,
                                         world=False, seed=int(plan.config.seed))
         self._cache: dict[tuple[int, int], dict] = {}
 

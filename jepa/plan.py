@@ -4,21 +4,27 @@
     python -m jepa.plan benchmark --workdir=runs/wm --baseline_workdir=runs/wm_random --output=runs/plan_bench
 
 An episode: the environment starts from the seed's initial state; the goal is where `plan.goal_steps` steps of
-one random constant action take it (so it is reachable), shown to the planner only as a rendered image. Each
-step the planner encodes the current frame, runs CEM on the latent energy (jepa/planning.py), executes the first
-`plan.execute_steps` actions of the plan and observes. Success: the effector (reacher's finger tip, point_mass's
-point) ends within `SUCCESS_RADIUS` of its goal position.
+one random constant action take it (so it is reachable), shown to the planner only as a rendered image. The
+episode advances in blocks of `world_model.action_block` environment steps (one latent step of the model): the
+planner encodes the latest `world_model.context_frames` observed frames (with their physics states and the
+blocks executed between them), runs CEM on the latent energy over `plan.horizon` blocks (0: the fewest that
+cover the goal's steps; jepa/planning.py), executes the first `plan.execute_steps` blocks and observes.
+"Final" success: the effector (reacher's finger tip, point_mass's point) ends within `SUCCESS_RADIUS` of its goal
+position; "reached" success: it is within the radius at some step.
 
-A surprise monitor compares every executed step's predicted next representation with the observed one and
-flags steps above a threshold calibrated on unaltered validation clips (jepa/surprise.py); a flagged step drops
-the rest of the current plan, so the next step re-plans.
+A surprise monitor compares every executed block's predicted next representation (the planner's own one-step
+prediction) with the observed one and flags blocks above a threshold calibrated the same way on unaltered
+validation episodes (jepa/surprise.py calibrate_threshold); a flagged block drops the rest of the plan and its
+warm start, so the next block is re-planned from a fresh CEM initialisation (counted as a re-plan).
 
-The benchmark runs a fixed set of seeded episodes per domain with: CEM on the world model, CEM on the baseline
-world model (same architecture and training, randomly initialised frozen encoder), and uniformly random
-actions; it reports success rates, final distances and planning time per action, and saves an energy-landscape
-plot (energy vs. offset of one action dimension around the true action of a one-step goal) with the landscape
-error: the mean |offset| of the energy minimum over the episode seeds and action dimensions (0 = the energy is
-lowest at the true action).
+The benchmark runs a fixed set of seeded episodes per domain (`--episodes`, from `--first_seed`) with: CEM on the
+world model, CEM on the baseline world model (same architecture and training, randomly initialised frozen
+encoder), uniformly random actions, and the oracle (the same CEM with the true simulator as the model, on copies
+of the MuJoCo physics: the upper bound); it reports both success rates with 95% Wilson intervals, distances and
+planning time per environment action as JSON and a Markdown table, and saves an energy-landscape plot (energy vs.
+offset of one action dimension around the true action of a one-block goal) with the landscape error: the mean
+|offset| of the energy minimum over the episode seeds and action dimensions (0 = the energy is lowest at the true
+action).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jepa import workdir as workdir_lib
-from jepa.planning import CEMSettings, WorldModel
+from jepa.planning import CEMSettings, WorldModel, cem, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -86,130 +93,216 @@ def episode_seeds(domain: str, count: int, goal_steps: int, resolution: int, fir
 
 @dataclasses.dataclass
 class Monitor:
-    """Flags executed steps whose surprise (mean |predicted - observed| next representation) exceeds threshold.
-    `model` names the world model in the messages."""
+    """Flags executed blocks whose surprise (mean |predicted - observed| next representation, the planner's own
+    one-step prediction) exceeds threshold; with `replan`, a flag discards the rest of the plan and the warm start:
+    the next step re-plans from a fresh CEM initialisation. `model` names the world model in the messages."""
     threshold: float
     replan: bool = True
     model: str = "world model"
 
 
+POLICIES = ("cem", "random", "oracle")
+
+
+class Oracle:
+    """CEM with the true simulator as the model (the benchmark's upper bound): the same settings and horizon as
+    the world model's planner; a plan's energy is the effector's distance to the goal position after its last
+    block ("last") or averaged over its blocks ("all"), squared for energy_norm "l2". Samples are played on a copy
+    of the environment's physics (WorldEnv.simulate), so the real episode is untouched."""
+
+    def __init__(self, env, settings: CEMSettings, block: int):
+        self.env, self.settings, self.block = env, settings, int(block)
+        self.goal = np.zeros(2)
+        length = settings.horizon * self.block
+
+        def energy_np(actions):
+            pos = self.env.simulate(np.asarray(actions, np.float64))[:, self.block - 1::self.block]   # block ends
+            d = np.linalg.norm(pos - self.goal[None, None], axis=-1)
+            d = d if settings.energy_norm == "l1" else d ** 2
+            return (d[:, -1] if settings.energy_steps == "last" else d.mean(1)).astype(np.float32)
+
+        def energy(actions):
+            return jax.pure_callback(energy_np, jax.ShapeDtypeStruct(actions.shape[:1], jnp.float32), actions)
+        self._plan = jax.jit(lambda key, low, high, mean: cem(energy, key, low, high, settings, mean, length))
+
+    def plan(self, goal_position, low, high, key, init_mean) -> tuple[np.ndarray, dict]:
+        self.goal = np.asarray(goal_position, np.float64)
+        plan, info = self._plan(key, np.asarray(low, np.float32), np.asarray(high, np.float32), init_mean)
+        return np.asarray(plan), {k: np.asarray(v) for k, v in info.items()}
+
+
 def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", settings: CEMSettings | None = None,
-                episode_steps: int = 25, goal_steps: int = 10, execute_steps: int = 1, context_frames: int = 1,
-                monitor: Monitor | None = None, record: bool = False) -> dict:
-    """One MPC episode toward the seed's goal. policy: "cem" (plan with the world model) or "random".
-    The planner and the monitor condition on the latest `context_frames` frames and the actions between them."""
-    if policy not in ("cem", "random"):
-        raise ValueError(f"policy: {policy!r} is not one of cem, random")
-    settings = settings or CEMSettings()
+                episode_steps: int = 25, goal_steps: int = 10, execute_steps: int = 1, context_frames: int = 0,
+                monitor: Monitor | None = None, record: bool = False, oracle: Oracle | None = None) -> dict:
+    """One MPC episode toward the seed's goal. policy: "cem" (plan with the world model), "random" (uniform
+    actions) or "oracle" (CEM on the true simulator: `oracle`, built on `env`).
+
+    The episode advances in blocks of the model's action_block environment steps (one latent step): each
+    planning call searches settings.horizon blocks, the first `execute_steps` blocks are executed, then the
+    frame is observed. The planner and the monitor condition on the latest `context_frames` observed frames
+    (0: the model's world_model.context_frames), their physics states and the blocks executed between them."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy: {policy!r} is not one of {', '.join(POLICIES)}")
+    if policy == "oracle" and (oracle is None or oracle.env is not env):
+        raise ValueError("policy 'oracle' needs oracle=Oracle(env, settings, block) built on this episode's env")
+    settings = settings or settings_of(model.config)
+    block = model.action_block
+    context_frames = int(context_frames) or model.context_frames
+    if context_frames < 1:
+        raise ValueError(f"plan.context_frames must be >= 1, got {context_frames}")
+    if episode_steps % block:
+        raise ValueError(f"plan.episode_steps={episode_steps} is not a multiple of world_model.action_block={block}")
     goal = make_goal(env, seed, goal_steps)
     obs = env.reset(seed)
     z_goal = model.encode(goal.frame[None])[0]
     low, high = env.action_low, env.action_high
     rng = np.random.default_rng([int(seed), 0xAC7])
     key = jax.random.PRNGKey(seed)
-    if context_frames < 1:
-        raise ValueError(f"plan.context_frames must be >= 1, got {context_frames}")
     seen = [model.encode(obs["frame"][None])[0]]   # representations of the observed frames
-    done: list[np.ndarray] = []                    # the actions executed between them
+    states = [obs["state"]]                        # their physics states (the model reads them with "physics")
+    done: list[np.ndarray] = []                    # the blocks [block, A] executed between them
     dist = lambda: float(np.linalg.norm(env.effector_position() - goal.position))
     out = {"seed": int(seed), "distance": [dist()], "energy": [], "surprise": [], "flagged": [], "plan_time": [],
-           "actions": []}
+           "actions": [], "replans": 0, "fresh_plans": []}
     frames = [obs["frame"]] if record else None
+    observed_states = [obs["state"]] if record else None
     queue: list[np.ndarray] = []
-    previous = None
-    for t in range(episode_steps):
+    previous, executed = None, 0  # the last plan and how many of its blocks have been executed
+    for t in range(episode_steps // block):
         k = min(context_frames, len(seen))
-        z, past = jnp.stack(seen[-k:]), (np.stack(done[-(k - 1):]) if k > 1 else None)
+        z, st = jnp.stack(seen[-k:]), np.stack(states[-k:])
+        past = np.concatenate(done[-(k - 1):]) if k > 1 else None
         if policy == "random":
-            action = rng.uniform(low, high)
+            actions = rng.uniform(low, high, (block, low.shape[0]))
         else:
             if not queue:
-                warm = None if previous is None else np.concatenate([previous[1:], previous[-1:]], axis=0)
+                warm = None
+                if previous is not None:  # the previous plan shifted by what was executed of it
+                    warm = np.concatenate([previous[executed * block:],
+                                           np.repeat(previous[-1:], executed * block, axis=0)], axis=0)
                 key, sub = jax.random.split(key)
                 start = time.perf_counter()
-                plan, info = model.plan(z, None, z_goal, low, high, settings, sub, init_mean=warm,
-                                        past_actions=past)
+                if policy == "oracle":
+                    plan, info = oracle.plan(goal.position, low, high, sub, warm)
+                else:
+                    plan, info = model.plan(z, st, z_goal, low, high, settings, sub, init_mean=warm,
+                                            past_actions=past)
                 out["plan_time"].append(time.perf_counter() - start)
+                out["fresh_plans"].append(warm is None)
                 out["energy"].append(float(info["best_energy"][-1]))
-                queue, previous = list(plan[:execute_steps]), plan
-            action = queue.pop(0)
-        action = np.asarray(action, np.float32)
-        context_actions = np.concatenate([past, action[None]]) if past is not None else action[None]
-        predicted = model.predict_next(z, context_actions)[-1]
-        obs = env.step(action)
+                queue = [plan[i * block:(i + 1) * block] for i in range(min(execute_steps, settings.horizon))]
+                previous, executed = plan, 0
+            actions = queue.pop(0)
+            executed += 1
+        actions = np.asarray(actions, np.float32)
+        predicted = model.next_prediction(z, st, past, actions)
+        for a in actions:
+            obs = env.step(a)
+            out["actions"].append(np.asarray(a, np.float64).tolist())
+            out["distance"].append(dist())
+            if record:
+                frames.append(obs["frame"])
+                observed_states.append(obs["state"])
         seen.append(model.encode(obs["frame"][None])[0])
-        done.append(action)
-        seen, done = seen[-context_frames:], done[-context_frames:]
+        states.append(obs["state"])
+        done.append(actions)
+        seen, states, done = seen[-context_frames:], states[-context_frames:], done[-context_frames:]
         surprise = float(np.mean(np.abs(np.asarray(predicted) - np.asarray(seen[-1]))))
         out["surprise"].append(surprise)
         if monitor is not None and surprise > monitor.threshold:
             out["flagged"].append(t)
-            log.info("%s, %s episode seed %d, step %d: surprise %.4f above the calibrated threshold %.4f%s",
+            again = monitor.replan and policy == "cem"
+            log.info("%s, %s episode seed %d, block %d: surprise %.4f above the calibrated threshold %.4f%s",
                      monitor.model, env.domain, seed, t, surprise, monitor.threshold,
-                     "; re-planning" if monitor.replan and policy == "cem" else "")
-            if monitor.replan:
-                queue = []
-        out["actions"].append(np.asarray(action, np.float64).tolist())
-        out["distance"].append(dist())
-        if record:
-            frames.append(obs["frame"])
+                     "; re-planning from a fresh initialisation" if again else "")
+            if again:
+                queue, previous = [], None
+                out["replans"] += 1
     radius = SUCCESS_RADIUS[env.domain]
     out.update(domain=env.domain, policy=policy, initial_distance=out["distance"][0],
-               final_distance=out["distance"][-1], success=out["distance"][-1] < radius)
+               final_distance=out["distance"][-1], min_distance=float(min(out["distance"])),
+               success=out["distance"][-1] < radius, reached=min(out["distance"]) < radius,
+               action_block=block)
     if record:
-        out["frames"], out["goal_frame"] = np.stack(frames), goal.frame
+        out["frames"], out["states"], out["goal_frame"] = np.stack(frames), np.stack(observed_states), goal.frame
     return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound at 0 and n successes, unlike the normal approximation)."""
+    if n < 1:
+        raise ValueError(f"wilson_interval: n must be >= 1, got {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, config,
              monitor: Monitor | None = None, *, name: str = "", progress: bool = False) -> dict:
-    """Episodes over `seeds`: success rate, final distances, planning time per action (None without planning).
+    """Episodes over `seeds`: "final" success (within the radius at the end) and "reached" success (at any
+    step) with 95% Wilson intervals, distances, planning time per environment action (None without planning).
     `progress`: a bar over the episodes and a line per episode, labelled with the domain and `name` (the
     method)."""
     from tqdm.auto import tqdm
 
     from jepa.envs import make_env
     p = config.plan
-    settings = CEMSettings.from_config(p)
+    settings = settings_of(config)
     label = f"{domain}, {name or policy}"
     env = make_env(domain, seeds[0], int(config.data.resolution))
+    oracle = Oracle(env, settings, model.action_block) if policy == "oracle" else None
     episodes = []
     try:
         bar = tqdm(seeds, desc=label, unit="episode", file=sys.stderr, disable=not progress)
         for i, s in enumerate(bar):
             e = run_episode(model, env, s, policy=policy, settings=settings, episode_steps=int(p.episode_steps),
                             goal_steps=int(p.goal_steps), execute_steps=int(p.execute_steps),
-                            context_frames=int(p.context_frames), monitor=monitor)
+                            context_frames=int(p.context_frames), monitor=monitor, oracle=oracle)
             episodes.append(e)
             if progress:
                 bar.write(f"{label}, episode {i + 1}/{len(seeds)} (seed {s}): {episode_line(e)}", file=sys.stderr)
     finally:
         env.close()
-    times = [t for e in episodes for t in e["plan_time"][1:]]  # the first plan of a run includes compilation
-    return {"success_rate": float(np.mean([e["success"] for e in episodes])),
-            "final_distance": float(np.mean([e["final_distance"] for e in episodes])),
-            "initial_distance": float(np.mean([e["initial_distance"] for e in episodes])),
-            "plan_seconds_per_action": float(np.mean(times)) if times else None,
-            "flagged_steps": int(sum(len(e["flagged"]) for e in episodes)),
-            "episodes": [{k: e[k] for k in ("seed", "success", "initial_distance", "final_distance", "flagged")}
-                         for e in episodes]}
+    # The first plan of a run includes compilation; a plan serves execute_steps blocks of action_block actions.
+    per_plan = int(min(int(p.execute_steps), settings.horizon)) * model.action_block
+    times = [t / per_plan for e in episodes for t in e["plan_time"][1:]]
+    n = len(episodes)
+    out = {"episodes_count": n}
+    for kind in ("success", "reached"):
+        wins = int(sum(e[kind] for e in episodes))
+        rate = "success_rate" if kind == "success" else "reached_rate"
+        out[rate], out[f"{rate}_ci95"] = wins / n, list(wilson_interval(wins, n))
+    out.update({
+        "final_distance": float(np.mean([e["final_distance"] for e in episodes])),
+        "min_distance": float(np.mean([e["min_distance"] for e in episodes])),
+        "initial_distance": float(np.mean([e["initial_distance"] for e in episodes])),
+        "plan_seconds_per_action": float(np.mean(times)) if times else None,
+        "flagged_steps": int(sum(len(e["flagged"]) for e in episodes)),
+        "replans": int(sum(e["replans"] for e in episodes)),
+        "episodes": [{k: e[k] for k in ("seed", "success", "reached", "initial_distance", "final_distance",
+                                        "min_distance", "flagged", "replans")} for e in episodes]})
+    return out
 
 
 def episode_line(e: dict) -> str:
     """One episode's outcome in words: success, distances and the steps the surprise monitor flagged."""
-    flagged = f"surprise flagged steps {e['flagged']}" if e["flagged"] else "no step flagged"
+    flagged = f"surprise flagged blocks {e['flagged']}" if e["flagged"] else "no block flagged"
+    reached = "reached" if e["reached"] else "never reached"
     return (f"{'success' if e['success'] else 'missed'}, final distance {e['final_distance']:.3f} m from "
-            f"{e['initial_distance']:.3f} m, {flagged}")
+            f"{e['initial_distance']:.3f} m, {reached} (closest {e['min_distance']:.3f} m), {flagged}")
 
 
 # ---------------------------------------------------------------- energy landscape
 
 
-def energy_landscape(model: WorldModel, env, seed: int, points: int = 41) -> dict:
-    """Energy of the true action of the seed's one-step goal with one action dimension swept across its bounds:
-    {"offsets": [action_dim, points] (swept value - true value), "energy": [action_dim, points], "true_action"}.
-    A good model has its minimum near offset 0."""
-    goal = make_goal(env, seed, 1)
+def energy_landscape(model: WorldModel, env, seed: int, points: int = 41, settings: CEMSettings | None = None) -> dict:
+    """Energy of the true action of the seed's one-block goal (one constant action held for the model's
+    action_block steps) with one action dimension swept across its bounds: {"offsets": [action_dim, points]
+    (swept value - true value), "energy": [action_dim, points], "true_action"}. A good model has its minimum near
+    offset 0."""
+    block = model.action_block
+    goal = make_goal(env, seed, block)
     obs = env.reset(seed)
     low, high = env.action_low, env.action_high
     z = model.encode(obs["frame"][None])
@@ -220,7 +313,8 @@ def energy_landscape(model: WorldModel, env, seed: int, points: int = 41) -> dic
         actions = np.repeat(true[None], points, axis=0)
         actions[:, dim] = np.linspace(low[dim], high[dim], points)
         offsets.append(actions[:, dim] - true[dim])
-        energies.append(np.asarray(model.energy(z, None, z_goal, actions[:, None])))
+        sequences = np.repeat(actions[:, None], block, axis=1)                       # [points, block, A]
+        energies.append(np.asarray(model.energy(z, obs["state"][None], z_goal, sequences, settings=settings)))
     return {"offsets": np.stack(offsets).tolist(), "energy": np.stack(energies).tolist(),
             "true_action": true.tolist()}
 
@@ -259,10 +353,12 @@ def describe_encoder(config) -> str:
 
 
 def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[str] = PLAN_DOMAINS,
-              episodes: int = 10, output: str = "", config=None, progress: bool = True) -> dict:
-    """CEM with the world model (and the baseline world model), and random actions, on the same seeded episodes
-    of each domain; energy landscapes. config: the world model run's config with changes (plan settings, data;
-    default: the run's own), used for every method. `progress`: bars and a line per episode."""
+              episodes: int = 50, first_seed: int = 1000, output: str = "", config=None, oracle: bool = True,
+              progress: bool = True) -> dict:
+    """On the same seeded episodes of each domain: CEM with the world model (and the baseline world model),
+    uniformly random actions, and the oracle (CEM with the true simulator, same budget and horizon); energy
+    landscapes. config: the world model run's config with changes (plan settings, data; default: the run's own),
+    used for every method. `progress`: bars and a line per episode."""
     from jepa import surprise as surprise_lib
     from jepa.envs import make_env
     models = {"world model": WorldModel.load(workdir)}
@@ -279,24 +375,33 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
         log.info("%s %s: step %d, %s", name, baseline_workdir, baseline.step, describe_encoder(baseline.config))
     config = config if config is not None else models["world model"].config
     p = config.plan
+    settings = settings_of(config)
     res = int(config.data.resolution)
     monitors = {name: Monitor(surprise_lib.calibrate_threshold(m, float(p.surprise_quantile), config=config),
                               replan=True, model=name) for name, m in models.items()}
-    results: dict = {"settings": dict(p), "domains": {}}
+    results: dict = {"settings": {**dict(p), "horizon_blocks": settings.horizon,
+                                  "action_block": models["world model"].action_block},
+                     "episodes": episodes, "first_seed": first_seed, "domains": {}}
     landscapes: dict = {}
+    wm = models["world model"]
     for domain in domains:
-        seeds = episode_seeds(domain, episodes, int(p.goal_steps), res)
+        seeds = episode_seeds(domain, episodes, int(p.goal_steps), res, first=first_seed)
         per = {}
         methods = [(f"CEM, {name}", model, "cem", monitors[name]) for name, model in models.items()]
-        for method, model, policy, monitor in [*methods, ("random actions", models["world model"], "random", None)]:
+        methods.append(("random actions", wm, "random", None))
+        if oracle:
+            methods.append(("oracle (CEM, true simulator)", wm, "oracle", None))
+        for method, model, policy, monitor in methods:
             per[method] = m = evaluate(model, domain, seeds, policy, config, monitor, name=method, progress=progress)
-            log.info("%s, %s: success %.2f, final distance %.3f m from %.3f m over %d episodes", domain, method,
-                     m["success_rate"], m["final_distance"], m["initial_distance"], len(seeds))
+            log.info("%s, %s: reached %.2f, final %.2f, final distance %.3f m from %.3f m over %d episodes", domain,
+                     method, m["reached_rate"], m["success_rate"], m["final_distance"], m["initial_distance"],
+                     len(seeds))
         results["domains"][domain] = {"seeds": seeds, "success_radius": SUCCESS_RADIUS[domain], "methods": per}
         env = make_env(domain, seeds[0], res)
         (log.info if progress else log.debug)("%s: energy landscapes of %d episodes", domain, len(seeds))
         try:
-            lands = {name: [energy_landscape(m, env, s) for s in seeds] for name, m in models.items()}
+            lands = {name: [energy_landscape(m, env, s, settings=settings) for s in seeds]
+                     for name, m in models.items()}
         finally:
             env.close()
         for name, per_seed in lands.items():  # how far the energy minimum lies from the true action, on average
@@ -306,22 +411,45 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
         landscapes[domain] = {name: per_seed[0] for name, per_seed in lands.items()}
     results["energy_landscape"] = landscapes
     if output:
-        workdir_lib.write_json(workdir_lib.path(output) / "planning_benchmark.json", results)
-        plot_landscapes(landscapes, workdir_lib.path(output) / "energy_landscape.png")
+        out = workdir_lib.path(output)
+        workdir_lib.write_json(out / "planning_benchmark.json", results)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "planning_benchmark.md").write_text(format_markdown(results))
+        plot_landscapes(landscapes, out / "energy_landscape.png")
     return results
 
 
-def format_table(results: dict) -> str:
-    rows = [("domain", "method", "success", "final dist (m)", "initial dist (m)", "plan s/action", "flagged",
-             "landscape err")]
+def _table_rows(results: dict) -> list[tuple[str, ...]]:
+    rows = [("domain", "method", "reached [95% CI]", "final [95% CI]", "final dist (m)", "closest (m)",
+             "initial dist (m)", "plan s/action", "flagged / re-plans", "landscape err")]
+    rate = lambda m, k: f"{m[k]:.2f} [{m[k + '_ci95'][0]:.2f}, {m[k + '_ci95'][1]:.2f}]"
     for domain, r in results["domains"].items():
         for method, m in r["methods"].items():
-            rows.append((domain, method, f"{m['success_rate']:.2f}", f"{m['final_distance']:.3f}",
-                         f"{m['initial_distance']:.3f}", _seconds(m["plan_seconds_per_action"]),
-                         str(m["flagged_steps"]), f"{m['landscape_error']:.3f}" if "landscape_error" in m else "-"))
+            rows.append((domain, method, rate(m, "reached_rate"), rate(m, "success_rate"),
+                         f"{m['final_distance']:.3f}", f"{m['min_distance']:.3f}", f"{m['initial_distance']:.3f}",
+                         _seconds(m["plan_seconds_per_action"]), f"{m['flagged_steps']} / {m['replans']}",
+                         f"{m['landscape_error']:.3f}" if "landscape_error" in m else "-"))
+    return rows
+
+
+def format_table(results: dict) -> str:
+    """The benchmark as an aligned text table."""
+    rows = _table_rows(results)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: " | ".join(c.ljust(w) for c, w in zip(r, widths))
     return "\n".join([line(rows[0]), "-+-".join("-" * w for w in widths), *map(line, rows[1:])])
+
+
+def format_markdown(results: dict) -> str:
+    """The benchmark as a Markdown table, with the episode set and the planner settings."""
+    rows = _table_rows(results)
+    s = results["settings"]
+    head = (f"Episodes per domain: {results['episodes']} (seeds from {results['first_seed']}); CEM "
+            f"{s['samples']} samples x {s['iterations']} iterations, {s['elites']} elites, momentum {s['momentum']}, "
+            f"horizon {s['horizon_blocks']} blocks of {s['action_block']} steps, energy {s['energy_steps']} "
+            f"{s['energy_norm']}; goal {s['goal_steps']} steps away, episodes of {s['episode_steps']} steps.\n\n")
+    md = lambda r: "| " + " | ".join(r) + " |"
+    return head + "\n".join([md(rows[0]), md(tuple("---" for _ in rows[0])), *map(md, rows[1:])]) + "\n"
 
 
 def _seconds(value) -> str:
@@ -343,8 +471,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         baseline = flags.DEFINE_string("baseline_workdir", "", "benchmark: the random-encoder world model run")
         domain = flags.DEFINE_string("domain", "reacher", "the planning task: one of " + ", ".join(PLAN_DOMAINS))
         domains = flags.DEFINE_list("domains", list(PLAN_DOMAINS), "benchmark: a comma list of domains")
-        episodes = flags.DEFINE_integer("episodes", 10, "episodes (benchmark: per domain)", lower_bound=1)
-        policy = flags.DEFINE_enum("policy", "cem", ("cem", "random"), "plan with the world model, or act at random")
+        episodes = flags.DEFINE_integer("episodes", 50, "episodes (benchmark: per domain)", lower_bound=1)
+        first_seed = flags.DEFINE_integer("first_seed", 1000, "the episode set: the first --episodes seeds from "
+                                          "this one whose goal is far enough (another value, another fixed set)")
+        oracle_flag = flags.DEFINE_boolean("oracle", True, "benchmark: include the oracle (CEM on the true "
+                                           "simulator, same budget)")
+        policy = flags.DEFINE_enum("policy", "cem", POLICIES, "plan with the world model, act at random, or plan "
+                                   "with the true simulator (oracle)")
         monitor_flag = flags.DEFINE_boolean("monitor", False, "calibrate and apply the surprise monitor (the "
                                             "benchmark always does)")
         output = flags.DEFINE_string("output", "", "write results (and the benchmark's plot) here")
@@ -356,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config_lib.validate(config)
         if bench:
             result = benchmark(workdir.value, baseline.value or None, domains=domains.value, episodes=episodes.value,
-                               output=output.value, config=config)
+                               first_seed=first_seed.value, output=output.value, config=config,
+                               oracle=oracle_flag.value)
             print(format_table(result))
             return result
         model = WorldModel.load(workdir.value)
@@ -366,9 +500,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
             from jepa import surprise as surprise_lib
             monitor = Monitor(surprise_lib.calibrate_threshold(model, float(config.plan.surprise_quantile),
                                                                config=config))
-        seeds = episode_seeds(domain.value, episodes.value, int(config.plan.goal_steps), int(config.data.resolution))
-        result = evaluate(model, domain.value, seeds, policy.value, config, monitor,
-                          name="CEM, world model" if policy.value == "cem" else "random actions", progress=True)
+        seeds = episode_seeds(domain.value, episodes.value, int(config.plan.goal_steps), int(config.data.resolution),
+                              first=first_seed.value)
+        names = {"cem": "CEM, world model", "random": "random actions", "oracle": "oracle (CEM, true simulator)"}
+        result = evaluate(model, domain.value, seeds, policy.value, config, monitor, name=names[policy.value],
+                          progress=True)
         if monitor is not None:  # the episodes' outcomes and flags, then the averages as before
             print(f"{domain.value}, {policy.value} with the surprise monitor (threshold {monitor.threshold:.4f}):")
             for e in result["episodes"]:

@@ -2,19 +2,25 @@
 
     model = WorldModel.load("runs/wm")                  # frozen encoder + AC predictor of a jepa.train run
     z, goal = model.encode(frame[None]), model.encode(goal_frame[None])[0]
-    plan, info = model.plan(z, state[None], goal, low, high, CEMSettings(), key)
+    plan, info = model.plan(z, state[None], goal, low, high, settings_of(model.config), key)
 
 `cem` is the cross-entropy method as a pure, jitted function of an energy over action sequences: every
 iteration draws all samples at once, scores them in one batched call, and refits a diagonal Gaussian to the best
 `elites` (optionally blended with the previous fit by `momentum`); samples are clipped to the action bounds, so
-every returned plan lies inside them. The world model's energy is the mean L1 distance between the predicted
-representation after the last planned action and the goal image's representation.
+every returned plan lies inside them. The world model's energy is the patch-level distance (mean L1 or mean
+squared) between the goal image's representation and the predicted representation after the last planned block
+(`energy_steps="last"`) or after every block (`"all"`, averaged).
+
+Action blocks: with world_model.action_block = k one latent step covers k environment steps. Plans and past
+actions are environment actions ([H * k, A], [(frames - 1) * k, A]); the model sees each block of k as one
+action token (the k actions zero-padded to A_MAX and concatenated in order).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,16 +30,26 @@ import numpy as np
 
 from jepa.envs import A_MAX, S_MAX
 
+# plan.energy_steps: which predicted blocks are compared with the goal; plan.energy_norm: the patch-level distance.
+ENERGY_STEPS = ("last", "all")
+ENERGY_NORMS = ("l1", "l2")
+# plan.optimizer: "cem" refits the Gaussian to the elites; "mppi" to all samples weighted by exp(-energy / T).
+OPTIMIZERS = ("cem", "mppi")
+
 
 @dataclasses.dataclass(frozen=True)
 class CEMSettings:
-    horizon: int = 2          # actions per sequence
-    samples: int = 128        # sequences scored per iteration
-    elites: int = 12          # best sequences the Gaussian is refitted to
-    iterations: int = 5
-    momentum: float = 0.0     # new mean/std = momentum * old + (1 - momentum) * elite fit
+    horizon: int = 2          # planned latent steps (blocks of world_model.action_block actions) per sequence
+    samples: int = 256        # sequences scored per iteration (all rolled out in one batched call)
+    elites: int = 16          # best sequences the Gaussian is refitted to
+    iterations: int = 8
+    momentum: float = 0.1     # new mean/std = momentum * old + (1 - momentum) * elite fit
     init_std: float = 1.0     # initial std, in units of the half action range
     min_std: float = 0.05     # floor on the std, in units of the half action range
+    energy_steps: str = "last"
+    energy_norm: str = "l1"
+    optimizer: str = "cem"
+    temperature: float = 0.5  # mppi: T in units of the iteration's energy std (scale-free across models)
 
     def __post_init__(self):
         for name in ("horizon", "samples", "elites", "iterations"):
@@ -45,15 +61,36 @@ class CEMSettings:
             raise ValueError(f"plan.momentum must lie in [0, 1), got {self.momentum}")
         if self.init_std <= 0 or self.min_std < 0:
             raise ValueError(f"plan.init_std must be > 0 and plan.min_std >= 0, got {self.init_std}, {self.min_std}")
+        if self.energy_steps not in ENERGY_STEPS:
+            raise ValueError(f"plan.energy_steps: {self.energy_steps!r} is not one of {', '.join(ENERGY_STEPS)}")
+        if self.energy_norm not in ENERGY_NORMS:
+            raise ValueError(f"plan.energy_norm: {self.energy_norm!r} is not one of {', '.join(ENERGY_NORMS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"plan.optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"plan.temperature must be > 0, got {self.temperature}")
 
     @classmethod
-    def from_config(cls, plan_cfg) -> CEMSettings:
-        return cls(**{f.name: type(f.default)(plan_cfg[f.name]) for f in dataclasses.fields(cls)})
+    def from_config(cls, plan_cfg, action_block: int = 1) -> CEMSettings:
+        """From config.plan; plan.horizon 0 becomes the fewest blocks of `action_block` steps that reach
+        plan.goal_steps."""
+        values = {f.name: type(f.default)(plan_cfg[f.name]) for f in dataclasses.fields(cls)}
+        if values["horizon"] == 0:
+            values["horizon"] = math.ceil(int(plan_cfg.goal_steps) / int(action_block))
+        return cls(**values)
+
+
+def settings_of(config) -> CEMSettings:
+    """A world-model run's planner settings: config.plan with the horizon resolved for its action block."""
+    return CEMSettings.from_config(config.plan, int(config.world_model.action_block))
 
 
 def cem(energy_fn: Callable[[jax.Array], jax.Array], key: jax.Array, low: jax.Array, high: jax.Array,
-        settings: CEMSettings, init_mean: jax.Array | None = None) -> tuple[jax.Array, dict]:
-    """Minimise energy_fn over action sequences [H, A] inside [low, high] (each [A]).
+        settings: CEMSettings, init_mean: jax.Array | None = None, length: int | None = None
+        ) -> tuple[jax.Array, dict]:
+    """Minimise energy_fn over action sequences [H, A] inside [low, high] (each [A]) by CEM or, with
+    settings.optimizer "mppi", MPPI; H = `length` (default settings.horizon; the world model plans
+    horizon * action_block environment actions).
 
     energy_fn: [S, H, A] -> [S]. init_mean: optional [H, A] warm start (e.g. the previous plan shifted by one).
     Returns (the final mean, clipped: [H, A], {"best_energy": [iterations], "mean_energy": [iterations]}). Sample
@@ -61,7 +98,7 @@ def cem(energy_fn: Callable[[jax.Array], jax.Array], key: jax.Array, low: jax.Ar
     s = settings
     low, high = jnp.asarray(low, jnp.float32), jnp.asarray(high, jnp.float32)
     half = (high - low) / 2
-    shape = (s.horizon, low.shape[0])
+    shape = (int(length or s.horizon), low.shape[0])
     mean = jnp.broadcast_to((high + low) / 2, shape) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     std = jnp.broadcast_to(s.init_std * half, shape)
 
@@ -70,9 +107,16 @@ def cem(energy_fn: Callable[[jax.Array], jax.Array], key: jax.Array, low: jax.Ar
         noise = jax.random.normal(key, (s.samples, *shape))
         samples = jnp.clip(mean + std * noise, low, high).at[0].set(jnp.clip(mean, low, high))
         energy = energy_fn(samples)
-        _, top = jax.lax.top_k(-energy, s.elites)
-        elite = samples[top]
-        fit_mean, fit_std = elite.mean(0), jnp.maximum(elite.std(0), s.min_std * half)
+        if s.optimizer == "mppi":
+            scale = s.temperature * jnp.maximum(jnp.std(energy), 1e-12)
+            w = jax.nn.softmax(-(energy - energy.min()) / scale)[:, None, None]
+            fit_mean = jnp.sum(w * samples, axis=0)
+            fit_std = jnp.sqrt(jnp.sum(w * jnp.square(samples - fit_mean), axis=0))
+        else:
+            _, top = jax.lax.top_k(-energy, s.elites)
+            elite = samples[top]
+            fit_mean, fit_std = elite.mean(0), elite.std(0)
+        fit_std = jnp.maximum(fit_std, s.min_std * half)
         mean = s.momentum * mean + (1 - s.momentum) * fit_mean
         std = s.momentum * std + (1 - s.momentum) * fit_std
         return (mean, std), (energy.min(), energy.mean())
@@ -83,18 +127,21 @@ def cem(energy_fn: Callable[[jax.Array], jax.Array], key: jax.Array, low: jax.Ar
 
 class WorldModel:
     """A trained V-JEPA 2-AC run (frozen encoder + action-conditioned predictor) with jitted encode, predict and
-    plan. Actions are zero-padded to the model's A_MAX inputs, states to S_MAX."""
+    plan. Actions are environment actions, zero-padded to A_MAX and grouped into the model's blocks of
+    `action_block`; states are zero-padded to S_MAX."""
 
     def __init__(self, config, encoder_params: Any, predictor_params: Any, step: int):
         from jepa import objectives
         self.config, self.step = config, step
         self.objective = objectives.build(config)
+        self.action_block = int(config.world_model.action_block)
+        self.context_frames = int(config.world_model.context_frames)
         self.encoder_params, self.predictor_params = encoder_params, predictor_params
         obj = self.objective
         self._encode = jax.jit(lambda p, frames: obj.encode_frames(p, frames[None])[0])
         self._predict = jax.jit(lambda p, z, a, s: obj.predict(p, z[None], a[None], s[None])[0][0])
-        self._energy = jax.jit(functools.partial(latent_energy, obj))
-        self._plans: dict[CEMSettings, Callable] = {}
+        self._energy = jax.jit(functools.partial(latent_energy, obj), static_argnames=("steps", "norm"))
+        self._plans: dict[tuple[CEMSettings, int], Callable] = {}
 
     @classmethod
     def load(cls, workdir: str, step: int | None = None) -> WorldModel:
@@ -113,60 +160,132 @@ class WorldModel:
         """uint8 [K, H, W, 3] -> [K, N, D] layer-normalised frame representations."""
         return self._encode(self.encoder_params, jnp.asarray(frames, jnp.uint8))
 
+    def blocks(self, actions) -> jax.Array:
+        """Environment actions [..., n * action_block, A] -> action tokens [..., n, action_block * A_MAX]; action
+        tokens (the world dataset's clips, jepa.data.clips) pass through unchanged."""
+        a = jnp.asarray(actions, jnp.float32)
+        if self.action_block > 1 and a.shape[-1] == self.action_block * A_MAX:
+            return a
+        return pad_blocks(a, self.action_block)
+
     def predict_next(self, z: jax.Array, actions: np.ndarray, states: np.ndarray | None = None) -> jax.Array:
-        """Teacher-forced next-frame predictions: z [K, N, D], actions [K, A] -> [K, N, D] (row t predicts
-        frame t + 1 from frames 0..t and actions 0..t)."""
-        return self._predict(self.predictor_params, z, pad_actions(actions), pad_states(states, z.shape[0]))
+        """Teacher-forced next-frame predictions: z [K, N, D], actions [K * action_block, A] (block t: the actions
+        after frame t; or the tokens [K, action_block * A_MAX]), states [K, S] or None (zeros) -> [K, N, D] (row t
+        predicts frame t + 1 from frames 0..t and blocks 0..t)."""
+        return self._predict(self.predictor_params, z, self.blocks(actions), pad_states(states, z.shape[0]))
+
+    def next_prediction(self, z: jax.Array, states: np.ndarray | None, past_actions: np.ndarray | None,
+                        block: np.ndarray) -> jax.Array:
+        """The planner's one-step prediction [N, D] of the frame after executing `block` [action_block, A] from the
+        observed frames z [k, N, D] (states [k, S] or None; past_actions [(k - 1) * action_block, A] executed
+        between them): the first step of the planner's rollout, which the surprise monitor compares with the
+        observed frame."""
+        block = np.asarray(block, np.float32).reshape(self.action_block, -1)
+        seq = block
+        if z.shape[0] > 1:
+            if past_actions is None:
+                raise ValueError(f"past_actions: needed for {z.shape[0]} observed frames")
+            seq = np.concatenate([np.asarray(past_actions, np.float32).reshape(-1, block.shape[-1]), block])
+        return self.predict_next(z, seq, states)[-1]
 
     def energy(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, actions: np.ndarray,
-               past_actions: np.ndarray | None = None) -> jax.Array:
-        """Energy [S] of action sequences [S, H, A] from the observed frames z [k, N, D] to goal [N, D];
-        past_actions [k - 1, A]: the actions executed between the observed frames (None: zeros)."""
+               past_actions: np.ndarray | None = None, settings: CEMSettings | None = None) -> jax.Array:
+        """Energy [S] of action sequences [S, H * action_block, A] from the observed frames z [k, N, D] to goal
+        [N, D]; past_actions [(k - 1) * action_block, A]: executed between the observed frames (None: zeros)."""
+        s = settings or CEMSettings()
         return self._energy(self.predictor_params, z, pad_states(states, z.shape[0]), goal,
-                            jnp.asarray(actions, jnp.float32), self._past(past_actions, z.shape[0]))
+                            self.blocks(actions), self._past(past_actions, z.shape[0]), steps=s.energy_steps,
+                            norm=s.energy_norm)
 
     def plan(self, z: jax.Array, states: np.ndarray | None, goal: jax.Array, low: np.ndarray, high: np.ndarray,
              settings: CEMSettings, key: jax.Array, init_mean: np.ndarray | None = None,
              past_actions: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-        """CEM over [H, len(low)] action sequences from the observed frames z [k, N, D] (the newest last; the
-        k - 1 actions executed between them in past_actions) to the goal [N, D]."""
-        if settings not in self._plans:
-            objective = self.objective
+        """CEM over [H * action_block, len(low)] environment action sequences from the observed frames z [k, N, D]
+        (the newest last; their states [k, S] or None; the (k - 1) * action_block actions executed between them in
+        past_actions) to the goal [N, D]. Every iteration rolls all samples out in one jitted call."""
+        length = settings.horizon * self.action_block
+        if (settings, z.shape[0]) not in self._plans:
+            objective, block = self.objective, self.action_block
 
             def plan_fn(predictor_params, z, states, goal, low, high, key, init_mean, past):
-                energy = lambda a: latent_energy(objective, predictor_params, z, states, goal, a, past)
-                return cem(energy, key, low, high, settings, init_mean)
-            self._plans[settings] = jax.jit(plan_fn)
+                energy = lambda a: latent_energy(objective, predictor_params, z, states, goal, pad_blocks(a, block),
+                                                 past, steps=settings.energy_steps, norm=settings.energy_norm)
+                return cem(energy, key, low, high, settings, init_mean, length)
+            self._plans[settings, z.shape[0]] = jax.jit(plan_fn)
         low, high = np.asarray(low, np.float32), np.asarray(high, np.float32)
-        mean = (np.broadcast_to((high + low) / 2, (settings.horizon, low.shape[0]))
+        mean = (np.broadcast_to((high + low) / 2, (length, low.shape[0]))
                 if init_mean is None else np.asarray(init_mean, np.float32))
-        plan, info = self._plans[settings](self.predictor_params, z, pad_states(states, z.shape[0]), goal, low, high,
-                                           key, mean, self._past(past_actions, z.shape[0]))
+        if mean.shape != (length, low.shape[0]):
+            raise ValueError(f"init_mean: shape {mean.shape}, the plan is {(length, low.shape[0])} (horizon "
+                             f"{settings.horizon} x action_block {self.action_block} steps)")
+        plan, info = self._plans[settings, z.shape[0]](
+            self.predictor_params, z, pad_states(states, z.shape[0]), goal, low, high, key, mean,
+            self._past(past_actions, z.shape[0]))
         return np.asarray(plan), {k: np.asarray(v) for k, v in info.items()}
 
-    @staticmethod
-    def _past(past_actions, k: int) -> jax.Array:
-        if past_actions is None:
-            return jnp.zeros((k - 1, A_MAX), jnp.float32)
-        past = pad_actions(np.asarray(past_actions, np.float32).reshape(-1, np.shape(past_actions)[-1]))
-        if past.shape[0] != k - 1:
-            raise ValueError(f"past_actions: {past.shape[0]} actions for {k} observed frames, need {k - 1}")
-        return past
+    def _past(self, past_actions, k: int) -> jax.Array:
+        width = self.action_block * A_MAX
+        if past_actions is None or k == 1:
+            return jnp.zeros((k - 1, width), jnp.float32)
+        a = np.asarray(past_actions, np.float32)
+        a = a.reshape(-1, a.shape[-1])
+        if a.shape[0] != (k - 1) * self.action_block:
+            raise ValueError(f"past_actions: {a.shape[0]} actions for {k} observed frames, need (k - 1) x "
+                             f"action_block = {(k - 1) * self.action_block}")
+        return self.blocks(a)
 
 
-def latent_energy(objective, predictor_params, z, states, goal, actions, past_actions) -> jax.Array:
-    """Mean L1 distance between the representation predicted after each action sequence and the goal's.
+def monitor_surprise(model: WorldModel, frames: np.ndarray, states: np.ndarray, actions: np.ndarray,
+                     context_frames: int = 0) -> np.ndarray:
+    """Per-block surprise [B] of an episode exactly as the planning loop's monitor computes it: frames
+    [B + 1, H, W, 3] and states [B + 1, S] observed action_block steps apart, actions [B * action_block, A] (block
+    b between frames b and b + 1). Block b's prediction is WorldModel.next_prediction from the latest
+    `context_frames` (0: the model's) frames up to b; surprise = mean |prediction - observed frame b + 1|."""
+    c = int(context_frames) or model.context_frames
+    k = model.action_block
+    z = model.encode(np.asarray(frames))
+    a = np.asarray(actions, np.float32)
+    if a.shape[0] != (z.shape[0] - 1) * k:
+        raise ValueError(f"actions: {a.shape[0]} for {z.shape[0]} frames, need (frames - 1) x action_block = "
+                         f"{(z.shape[0] - 1) * k}")
+    out = []
+    for b in range(z.shape[0] - 1):
+        first = max(0, b - c + 1)
+        past = a[first * k:b * k] if b > first else None
+        predicted = model.next_prediction(z[first:b + 1], np.asarray(states)[first:b + 1], past,
+                                          a[b * k:(b + 1) * k])
+        out.append(float(jnp.mean(jnp.abs(predicted - z[b + 1]))))
+    return np.asarray(out)
 
-    z [k, N, D] observed frames (the newest last), states [k, S_MAX], goal [N, D], actions [S, H, A] planned
-    from the newest frame, past_actions [k - 1, A_MAX] executed between the observed frames -> [S]. Several
-    observed frames show velocities, which a single frame cannot (see plan.context_frames)."""
+
+def latent_energy(objective, predictor_params, z, states, goal, actions, past_actions, *, steps: str = "last",
+                  norm: str = "l1") -> jax.Array:
+    """Patch-level distance between the goal's representation and the predictions after each action sequence.
+
+    z [k, N, D] observed frames (the newest last), states [k, S_MAX], goal [N, D], actions [S, H, W] action tokens
+    planned from the newest frame, past_actions [k - 1, W] tokens executed between the observed frames -> [S].
+    steps "last": the prediction after the last block; "all": the mean over every block's prediction. norm "l1":
+    mean |.|; "l2": mean square. Several observed frames show velocities, which a single frame cannot."""
     samples = actions.shape[0]
     past = jnp.broadcast_to(past_actions[None], (samples, *past_actions.shape))
-    seq = jnp.concatenate([past, pad_actions(actions)], axis=1)
+    seq = jnp.concatenate([past, actions], axis=1)
     zs = jnp.broadcast_to(z[None], (samples, *z.shape))
     ss = jnp.broadcast_to(states[None], (samples, *states.shape))
-    final = objective.rollout(predictor_params, zs, seq, ss)[:, -1]
-    return jnp.mean(jnp.abs(final - goal[None]), axis=(1, 2))
+    predicted = objective.rollout(predictor_params, zs, seq, ss)                    # [S, H, N, D]
+    if steps == "last":
+        predicted = predicted[:, -1:]
+    diff = predicted - goal[None, None]
+    per = jnp.abs(diff) if norm == "l1" else jnp.square(diff)
+    return jnp.mean(per, axis=(1, 2, 3))
+
+
+def pad_blocks(actions, block: int) -> jax.Array:
+    """Environment actions [..., n * block, A] -> action tokens [..., n, block * A_MAX]: each action zero-padded
+    to A_MAX, each block of `block` consecutive actions concatenated in order."""
+    a = pad_actions(actions)
+    if a.shape[-2] % block:
+        raise ValueError(f"actions: {a.shape[-2]} steps are not whole blocks of world_model.action_block={block}")
+    return a.reshape(*a.shape[:-2], a.shape[-2] // block, block * A_MAX)
 
 
 def pad_actions(actions) -> jax.Array:

@@ -31,6 +31,7 @@ from jepa import metrics as metrics_lib
 from jepa import models, objectives, optim, sharding
 from jepa import workdir as workdir_lib
 from jepa.data import pipeline
+from jepa.data import sources as sources_lib
 
 PREEMPTED_EXIT_CODE = 42  # SIGTERM: checkpoint saved, run can be resumed with the same command
 
@@ -166,10 +167,12 @@ def fresh_state(config, run: Run, mesh):
     weights (train.init_from) put in."""
     state = load_frozen_encoder(config, run.init_state(jax.random.PRNGKey(config.seed)), mesh)
     if config.train.init_from:
-        from jepa import runs
-        # not the optimiser state; restored straight onto the trainer's layout
-        other, other_step = runs.load_state_parts(config.train.init_from, ["params", "ema"],
-                                                  target=run.abstract_state)
+        from jepa import convert, runs
+        if convert.is_source(config.train.init_from):  # a Hugging Face folder or a Meta checkpoint file
+            other, other_step = convert.external_weights(config.train.init_from, config, run.abstract_state), 0
+        else:  # not the optimiser state; restored straight onto the trainer's layout
+            other, other_step = runs.load_state_parts(config.train.init_from, ["params", "ema"],
+                                                      target=run.abstract_state)
         state = {**state, "params": other["params"], "ema": other["ema"]}
         logging.info("initialised weights from %s (step %d)", config.train.init_from, other_step)
     return state
@@ -255,10 +258,10 @@ def train(config, workdir: str) -> TrainResult:
         # -------------------------------------------------------- data
         # Process 0 first: it prepares (generates) a missing world dataset; the others wait, then only read it.
         if is_main:
-            pipeline.check_sources(config)
+            sources_lib.check_sources(config)
         sharding.sync("jepa: data sources ready")
         if not is_main:
-            pipeline.check_sources(config)
+            sources_lib.check_sources(config)
         dataset = pipeline.build_pipeline(config, process_index=jax.process_index(),
                                           process_count=jax.process_count(), train=True,
                                           masks=run.objective.needs_masks)

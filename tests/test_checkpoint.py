@@ -109,6 +109,18 @@ def test_unsealed_checkpoint_is_restored_unverified(run_copy, abstract_state):
     assert step == 6
 
 
+def test_intact_checkpoint_of_another_model_is_named_not_moved(run_copy, tiny_config):
+    """A mismatch between the saved state and this run's (another width, say) is not damage: nothing is moved."""
+    tiny_config.model.predictor.width = 2 * tiny_config.model.predictor.width
+    other = train_lib.build_run(tiny_config, sharding.make_mesh(tiny_config.mesh)).abstract_state
+    checkpointer = ckpt_lib.Checkpointer(str(run_copy), save_every=3, keep=3)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="step 6 .* is intact"):
+        checkpointer.restore_latest(other)
+    checkpointer.close()
+    assert sorted(os.listdir(run_copy / "checkpoints")) == ["3", "6"]
+    assert not (run_copy / ckpt_lib.DAMAGED_DIR).exists()
+
+
 def test_load_state_verifies(run_copy, abstract_state):
     abstract = {"ema": abstract_state["ema"]}
     _flip_byte(_largest_data_file(run_copy / "checkpoints" / "6"))

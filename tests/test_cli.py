@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, load_config
 
 from jepa import cli
+from jepa import convert as convert_lib
 from jepa import export as export_lib
 from jepa import plan as plan_lib
 from jepa import probe as probe_lib
@@ -27,7 +28,8 @@ from jepa.data import prepare
 
 CONSOLE_SCRIPTS = {"jepa-train": "jepa.train:run", "jepa-export": "jepa.export:run", "jepa-probe": "jepa.probe:run",
                    "jepa-plan": "jepa.plan:run", "jepa-surprise": "jepa.surprise:run",
-                   "jepa-prepare": "jepa.data.prepare:run", "jepa-data-bench": "jepa.data.bench:run_cli"}
+                   "jepa-prepare": "jepa.data.prepare:run", "jepa-data-bench": "jepa.data.bench:run_cli",
+                   "jepa-convert": "jepa.convert:run"}
 
 
 def _script(folder: str, name: str):
@@ -59,6 +61,8 @@ ENTRY_POINTS = {  # name -> (main, argv prefix, flags its --helpfull must list)
     "jepa.plan benchmark": (plan_lib.main, ["benchmark"], ["--baseline_workdir", "--domains"]),
     "jepa.surprise benchmark": (surprise_lib.main, ["benchmark"], ["--video_workdir", "--kinds", "--config"]),
     "jepa.data.prepare": (prepare.main, [], ["--data_dir", "--src", "--preset"]),
+    "jepa.convert": (convert_lib.main, [], ["--source", "--workdir", "--encoder_only"]),
+    "jepa.convert export": (convert_lib.main, ["export"], ["--format", "--output"]),
     "jepa.data.bench": (data_bench.main, [], ["--synthetic_720p", "--batches", "--config"]),
     "launch/local.py": (lambda argv: _script("launch", "local").main(argv), [], ["--num_processes", "--log_dir"]),
     "launch/sweep.py": (lambda argv: _script("launch", "sweep").main(argv), [], ["--grid", "--list", "--slurm"]),
@@ -72,6 +76,8 @@ ENTRY_POINTS = {  # name -> (main, argv prefix, flags its --helpfull must list)
                                   ["--mesh", "--devices", "--config"]),
     "benchmarks/probe_bench.py": (lambda argv: _script("benchmarks", "probe_bench").main(argv), [],
                                   ["--episodes", "--workdir"]),
+    "benchmarks/convert_bench.py": (lambda argv: _script("benchmarks", "convert_bench").main(argv), [],
+                                    ["--size", "--meta"]),
 }
 
 
@@ -215,11 +221,14 @@ def test_logs_are_quiet_by_default_and_complete_at_verbosity_1(capsys):
 
 def test_plan_reports_episodes_in_words():
     """Per-episode lines name the outcome and the flagged steps; no planning time is "-", not nan."""
-    episode = {"seed": 1003, "success": False, "initial_distance": 0.2, "final_distance": 0.1, "flagged": [2, 5]}
-    assert plan_lib.episode_line(episode) == "missed, final distance 0.100 m from 0.200 m, surprise flagged " \
-                                             "steps [2, 5]"
-    method = {"success_rate": 0.5, "final_distance": 0.1, "initial_distance": 0.2, "plan_seconds_per_action": None,
-              "flagged_steps": 0}
+    episode = {"seed": 1003, "success": False, "reached": True, "initial_distance": 0.2, "final_distance": 0.1,
+               "min_distance": 0.04, "flagged": [2, 5]}
+    assert plan_lib.episode_line(episode) == ("missed, final distance 0.100 m from 0.200 m, reached (closest 0.040 m), "
+                                              "surprise flagged blocks [2, 5]")
+    ci = [0.1, 0.9]
+    method = {"success_rate": 0.5, "success_rate_ci95": ci, "reached_rate": 0.5, "reached_rate_ci95": ci,
+              "final_distance": 0.1, "min_distance": 0.05, "initial_distance": 0.2, "plan_seconds_per_action": None,
+              "flagged_steps": 0, "replans": 0}
     table = plan_lib.format_table({"domains": {"reacher": {"methods": {"random actions": method}}}})
     assert "nan" not in table and "| -" in table
 

@@ -11,11 +11,13 @@ def test_world_model_planning_and_model_fields_are_base_config_fields():
     c = config_lib.base_config()
     assert c.objective == "vjepa" and c.encoder_from == "" and c.encoder_weights == "pretrained"
     assert (c.world_model.rollout_steps, c.world_model.state_source) == (2, "none")
+    assert (c.world_model.action_block, c.world_model.context_frames) == (1, 2)
     assert set(c.model.ac_predictor) == {"width", "depth", "heads", "mlp_dim"}
     assert c.model.predictor.mlp_dim == 0 and c.model.scan is True and c.model.attention == "einsum"
     assert set(c.plan) == {"horizon", "samples", "elites", "iterations", "momentum", "init_std", "min_std",
-                           "execute_steps", "context_frames", "episode_steps", "goal_steps", "surprise_quantile"}
-    assert c.plan.context_frames == 1 and c.plan.surprise_quantile == 0.99
+                           "energy_steps", "energy_norm", "optimizer", "temperature", "execute_steps",
+                           "context_frames", "episode_steps", "goal_steps", "surprise_quantile"}
+    assert c.plan.context_frames == 0 and c.plan.surprise_quantile == 0.99
 
 
 def test_recipes_change_values_not_fields():
@@ -46,6 +48,9 @@ def test_recipes_change_values_not_fields():
     ("distributed.mode", "jepa.sharding:DISTRIBUTED_MODES"),
     ("world_model.state_source", "jepa.objectives.ac:STATE_SOURCES"),
     ("encoder_weights", "jepa.objectives.ac:ENCODER_WEIGHTS"),
+    ("plan.energy_steps", "jepa.planning:ENERGY_STEPS"),
+    ("plan.energy_norm", "jepa.planning:ENERGY_NORMS"),
+    ("plan.optimizer", "jepa.planning:OPTIMIZERS"),
 ])
 def test_validate_accepts_exactly_the_values_the_code_dispatches_on(field, constant):
     import importlib
@@ -56,6 +61,7 @@ def test_validate_accepts_exactly_the_values_the_code_dispatches_on(field, const
         c = config_lib.base_config()
         c.objective, c.encoder_weights, c.encoder_from = "ac", "random", "runs/pretrained"  # world-model checks too
         c.data.num_frames, c.model.dtype = 4, "bfloat16"  # rollout_steps 2 < 4; cudnn needs bfloat16
+        c.data.frame_step = c.world_model.action_block  # a world model's clips keep whole action blocks
         section, _, key = field.rpartition(".")
         (c[section] if section else c)[key] = value
         if value in allowed:
@@ -66,10 +72,10 @@ def test_validate_accepts_exactly_the_values_the_code_dispatches_on(field, const
 
 
 def test_source_kinds_are_the_pipelines():
-    from jepa.data import pipeline
+    from jepa.data import sources
 
     c = config_lib.base_config()
-    for kind in pipeline.SOURCE_KINDS:
+    for kind in sources.SOURCE_KINDS:
         c.data.sources.world.kind, c.data.sources.world.path = kind, "x.csv"
         config_lib.validate(c)
     c.data.sources.world.kind = "hdf5"

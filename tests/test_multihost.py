@@ -46,6 +46,10 @@ def emulated_pipeline(num_processes: int):
             parts = [next(it) for it in self.its]
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
+        @property
+        def skipped_total(self) -> int:
+            return sum(it.skipped_total for it in self.its)
+
         def get_state(self) -> bytes:
             return json.dumps([it.get_state() for it in self.its]).encode()
 
@@ -220,7 +224,7 @@ def test_sigkill_during_saves_resumes_from_last_complete_checkpoint(tmp_path, wo
     log = tmp_path / "log.txt"
     with open(log, "w") as out:
         proc = subprocess.Popen(cli(workdir, args), cwd=REPO, env=env_for(1), stdout=out, stderr=subprocess.STDOUT)
-    wait_for(log, "Saving checkpoint at step 4", proc)  # Orbax logs this as the save of step 4 begins
+    wait_for(log, "checkpoint: saving step 4", proc)  # logged as the (asynchronous) save of step 4 begins
     proc.kill()
     proc.wait(timeout=60)
     import orbax.checkpoint as ocp

@@ -13,7 +13,7 @@ import pytest
 
 from jepa import config as config_lib
 from jepa import masks
-from jepa.data import pipeline
+from jepa.data import clips, pipeline, sources
 
 
 def episode(n_frames=12, size=24, label=0, domain=0, seed=0):
@@ -107,7 +107,7 @@ def test_world_batch_shapes_dtypes_and_masks():
     assert set(b) == expected
     assert b["video"].shape == (4, 4, 32, 32, 3) and b["video"].dtype == np.uint8
     assert b["label"].dtype == np.int32 and b["skipped"].dtype == np.int32 and b["domain"].dtype == np.int32
-    assert b["actions"].shape == (4, 4, 6) and b["states"].shape == (4, 4, 32)
+    assert b["actions"].shape == (4, 4, 2 * 6) and b["states"].shape == (4, 4, 32)  # frame_step 2: 2 actions
     assert b["actions"].dtype == np.float32 and b["states"].dtype == np.float32
     assert (b["skipped"] == 0).all()
     for name, (nc, nt) in lengths.items():
@@ -138,7 +138,7 @@ def test_world_padding_comes_from_the_environments_without_heavy_imports():
     import sys
 
     from jepa import envs
-    assert (pipeline.A_MAX, pipeline.S_MAX) == (envs.A_MAX, envs.S_MAX)
+    assert (clips.A_MAX, clips.S_MAX) == (envs.A_MAX, envs.S_MAX)
     code = ("import sys, jepa.data.pipeline; heavy = [m for m in ('tensorflow_datasets', 'dm_control', 'mujoco') "
             "if m in sys.modules]; assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -156,7 +156,7 @@ def test_batch_size_must_divide_by_process_count():
 
 def test_bad_source_kind_is_named():
     with pytest.raises(ValueError, match="kind 'hdf5'"):
-        pipeline.open_source({"kind": "hdf5", "name": "x", "data_dir": "", "split": "train", "path": ""})
+        sources.open_source({"kind": "hdf5", "name": "x", "data_dir": "", "split": "train", "path": ""})
 
 
 # ---------------------------------------------------------------- determinism and resume
@@ -302,7 +302,7 @@ def test_eval_uniform_segments_and_sharding_cover_every_window():
 
 
 def test_corrupt_files_are_skipped_and_counted(mp4s, tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(pipeline, "_warn_bad_file", pipeline._RateLimitedWarning())  # a fresh per-process limit
+    monkeypatch.setattr(clips, "_warn_bad_file", clips._RateLimitedWarning())  # a fresh per-process limit
     _, paths = mp4s
     bad = media.make_corrupt_files(tmp_path)
     records = [video_record(p, label=1) for p in paths[:3]]
@@ -311,7 +311,7 @@ def test_corrupt_files_are_skipped_and_counted(mp4s, tmp_path, caplog, monkeypat
     c.train.global_batch_size = 5
     c.data.sources = {"v": config_lib.manifest_source("unused")}
     srcs = {"v": records}
-    with caplog.at_level(logging.WARNING, logger="jepa.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="jepa.data.clips"):
         batches = take(pipeline.build_pipeline(c, process_index=0, process_count=1, sources=srcs), 4)
     skipped = sum(int(b["skipped"].sum()) for b in batches)
     assert skipped >= 6  # 4 epochs of 5 records with 2 bad each: at least 8 picks, substitutes may be bad too
@@ -349,10 +349,10 @@ def test_preflight_reports_and_rejects_mostly_corrupt_source(mp4s, tmp_path):
     good = [video_record(p) for p in paths[:4]] + [video_record(bad["zero_byte"])]
     broken = [video_record(bad[k]) for k in ("corrupt", "truncated", "non_video", "audio_only")] + \
         [video_record(paths[0])]
-    report = pipeline.check_sources(c, sources={"good": good})
+    report = sources.check_sources(c, sources={"good": good})
     assert report["good"] == {"records": 5, "checked": 5, "failed": 1, "bad": [f"{bad['zero_byte']} (good[4])"]}
     with pytest.raises(ValueError, match="sources.bad: 4/5 sampled records failed") as e:
-        pipeline.check_sources(c, sources={"good": good, "bad": broken})
+        sources.check_sources(c, sources={"good": good, "bad": broken})
     assert os.path.basename(bad["corrupt"]) in str(e.value) and "good" not in str(e.value).split("sources.bad")[0]
 
 
@@ -412,9 +412,9 @@ def test_tfds_video_folder_source_through_config(mp4s, tmp_path):
     video_folder.prepare_video_folder(str(folder), str(tmp_path), name="six", num_workers=1)
     c = small_config()
     c.data.sources = {"six": config_lib.folder_source("jepa_video_folder/six", data_dir=str(tmp_path))}
-    src = pipeline.open_source(c.data.sources.six)
+    src = sources.open_source(c.data.sources.six)
     assert len(src) == 6
-    assert pipeline.check_sources(c)["six"]["failed"] == 0
+    assert sources.check_sources(c)["six"]["failed"] == 0
     (b,) = take(pipeline.build_pipeline(c, process_index=0, process_count=1), 1)
     assert b["video"].shape == (4, 4, 32, 32, 3) and (b["skipped"] == 0).all()
 
@@ -426,6 +426,6 @@ def test_world_source_through_config_with_a_worker(tmp_path):
     c.data.sources = {"world": config_lib.world_source("tiny")}
     c.data.sources.world.data_dir = str(tmp_path)
     c.data.sources.world.num_workers = 1
-    assert pipeline.check_sources(c)["world"]["failed"] == 0
+    assert sources.check_sources(c)["world"]["failed"] == 0
     (b,) = take(pipeline.build_pipeline(c, process_index=0, process_count=1), 1)
-    assert b["actions"].shape == (4, 4, 6) and set(b["domain"].tolist()) <= {0, 1, 2, 3, 4, 5, 6, 7}
+    assert b["actions"].shape == (4, 4, 2 * 6) and set(b["domain"].tolist()) <= {0, 1, 2, 3, 4, 5, 6, 7}

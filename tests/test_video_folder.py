@@ -150,7 +150,7 @@ def test_truncated_file_read_in_place_is_skipped_and_counted(tmp_path, caplog, m
     import logging
 
     from jepa import config as config_lib
-    from jepa.data import pipeline
+    from jepa.data import clips, pipeline
 
     frames = media.index_frames(40, 64, 64)
     src = tmp_path / "src"
@@ -169,10 +169,10 @@ def test_truncated_file_read_in_place_is_skipped_and_counted(tmp_path, caplog, m
     c.data.num_workers, c.data.prefetch_buffer = 0, 1
     c.train.global_batch_size = 4
     # the per-process warning rate limit is reset: earlier tests in this process may have used it up
-    monkeypatch.setattr(pipeline, "_warn_bad_file", pipeline._RateLimitedWarning())
+    monkeypatch.setattr(clips, "_warn_bad_file", clips._RateLimitedWarning())
     ds = pipeline.build_pipeline(c, process_index=0, process_count=1, masks=False)
     it = iter(ds)
-    with caplog.at_level(logging.WARNING, logger="jepa.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="jepa.data.clips"):
         batches = [next(it) for _ in range(2)]
     it.close()
     assert it.skipped_total == sum(int(b["skipped"].sum()) for b in batches) >= 2   # the cut file, once per epoch

@@ -57,6 +57,33 @@ def test_environments_load_without_the_dataset_machinery():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_simulate_plays_plans_exactly_as_step_and_leaves_the_env_alone():
+    """The planning oracle's model: WorldEnv.simulate on a copy of the physics gives the effector positions that
+    stepping the environment itself gives, from the current (mid-episode) state, and changes nothing."""
+    for domain in ("reacher", "point_mass"):
+        env = envs.make_env(domain, 3, resolution=32)
+        try:
+            rng = np.random.default_rng(0)
+            env.reset(3)
+            env.step(rng.uniform(env.action_low, env.action_high))       # start mid-episode, with velocity
+            state, here = env.state(), env.effector_position()
+            plans = rng.uniform(2 * env.action_low, 2 * env.action_high, (3, 5, env.action_dim))  # clipped too
+            simulated = env.simulate(plans)
+            np.testing.assert_array_equal(env.state(), state)
+            np.testing.assert_array_equal(env.effector_position(), here)
+            for plan, positions in zip(plans, simulated):
+                env.set_state(state[:env.num_qpos], state[env.num_qpos:env.state_dim])
+                stepped = []
+                for a in plan:
+                    env.step(a)
+                    stepped.append(env.effector_position())
+                np.testing.assert_allclose(positions, stepped, atol=1e-9)
+            with pytest.raises(ValueError, match="actions: expected"):
+                env.simulate(plans[0])
+        finally:
+            env.close()
+
+
 def test_every_domain_shows_motion_within_action_bounds():
     for i in range(len(envs.DOMAINS)):
         e = world.generate_episode(i, world.episode_seed(7, i), 12, 32)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from jepa import masks
-from jepa.data import pipeline
+from jepa.data import clips, pipeline, sources
 
 
 def write_synthetic_videos(folder: str, count: int = 3, seconds: float = 10.0, fps: int = 30,
@@ -73,10 +73,10 @@ class StageTimes:
 
 def time_stages(config, num_clips: int) -> StageTimes:
     """Runs read -> frame pick + decode -> augment per clip, then batch + mask per batch, in this process."""
-    settings = pipeline.clip_settings(config)
-    names, srcs, _ = pipeline._sources_from_config(config, None)
-    world = pipeline._has_world_records(srcs)
-    maker = pipeline.ClipMaker(names, srcs, settings, train=True, world=world, seed=int(config.seed))
+    settings = clips.clip_settings(config)
+    names, srcs, _ = sources.sources_from_config(config, None)
+    world = pipeline.has_world_records(srcs)
+    maker = clips.ClipMaker(names, srcs, settings, train=True, world=world, seed=int(config.seed))
     masker = masks.make_masker(config)
     batch_size = min(int(config.train.global_batch_size), num_clips)
     rng = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def run(config, batches: int, stage_clips: int) -> dict:
     print(f"clips: {d.num_frames} frames x {d.resolution}px, frame_step={d.frame_step}, target_fps={d.target_fps}, "
           f"batch={config.train.global_batch_size}, workers={d.num_workers}; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores")
-    report = pipeline.check_sources(config)
+    report = sources.check_sources(config)
     print("preflight: " + ", ".join(f"{k} {v['checked'] - v['failed']}/{v['checked']} ok ({v['records']} records)"
                                     for k, v in report.items()))
     st = time_stages(config, stage_clips)

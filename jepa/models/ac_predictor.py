@@ -76,10 +76,13 @@ class ACPredictor(nnx.Module):
         self.proj_kernel, self.proj_bias = init(width, encoder_width), zeros(encoder_width)
         self.state_proj_kernel, self.state_proj_bias = init(width, state_dim), zeros(state_dim)
 
-    def __call__(self, z: jax.Array, actions: jax.Array, states: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, z: jax.Array, actions: jax.Array, states: jax.Array, *, action_to_patches: bool = False
+                 ) -> tuple[jax.Array, jax.Array]:
         """z [B, T, N, enc_w], actions [B, T, action_dim], states [B, T, state_dim] ->
         (next-frame patch predictions float32 [B, T, N, enc_w], next-state predictions float32 [B, T, state_dim]);
-        output t depends only on inputs 0..t."""
+        output t depends only on inputs 0..t. action_to_patches: the action embedding of step t is also added to
+        each patch token of step t (DINO-WM style), so every patch sees the action directly, not only through
+        attention to the action token."""
         b, t, n, e = z.shape
         if n != self.grid_hw[0] * self.grid_hw[1] or e != self.encoder_width:
             raise ValueError(f"z must be [B, T, {self.grid_hw[0] * self.grid_hw[1]}, {self.encoder_width}], "
@@ -91,6 +94,8 @@ class ACPredictor(nnx.Module):
         a = layers.dense(actions, self.action_kernel[...], self.action_bias[...], d)
         s = layers.dense(states, self.state_kernel[...], self.state_bias[...], d)
         p = layers.dense(z, self.embed_kernel[...], self.embed_bias[...], d)
+        if action_to_patches:
+            p = p + a[:, :, None]
         x = jnp.concatenate([a[:, :, None], s[:, :, None], p], axis=2)            # [B, T, 2 + N, w]
         per_step = NUM_COND_TOKENS + n
         x = x.reshape(b, t * per_step, self.width)

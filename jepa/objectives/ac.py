@@ -4,8 +4,12 @@ representations evolve.
 Each frame is encoded on its own by the frozen encoder (the frame repeated to fill one tubelet), outputs
 layer-normalised (no affine): z_t [N, D]. With actions a_t (applied after frame t) and states s_t:
   - teacher forcing: from z_0..z_{T-2}, a_0..a_{T-2} predict z_1..z_{T-1} in one block-causal pass;
-  - rollout: from z_0 alone, predict z_1..z_R autoregressively, each prediction fed back (layer-normalised);
+  - rollout: from the first C observed frames z_0..z_{C-1} (world_model.context_frames; two or more show
+    velocities), predict z_C..z_{C+R-1} autoregressively, each prediction fed back (layer-normalised), as the
+    planner does;
 loss = mean |prediction - target|^p / p of both (plus an L1 next-state loss when states are used).
+With world_model.action_block = k, frames are k environment steps apart and a_t holds the k actions between
+frame t and t + 1, each zero-padded to A_MAX and concatenated in order ([k * A_MAX]).
 States are either unused ("none": the state token carries zeros, only its bias and position) or the padded
 physical state ("physics"); rollouts then feed back the predictor's own next-state estimate, as planning must.
 
@@ -43,6 +47,10 @@ class ActionConditioned:
     tubelet_size: int
     rollout_steps: int
     state_source: str = "none"
+    context_frames: int = 1
+    action_block: int = 1
+    action_to_patches: bool = False
+    inverse_weight: float = 0.0  # > 0: the inverse-dynamics head and its loss (params["inverse"])
     loss_exponent: float = 1.0
     diagnostics_every: int = 1  # collapse diagnostics only on the steps the trainer logs
 
@@ -56,22 +64,46 @@ class ActionConditioned:
         pred = nnx.eval_shape(lambda: cls._build_predictor(config, nnx.Rngs(0)))
         return cls(encoder_def=nnx.graphdef(enc), predictor_def=nnx.graphdef(pred),
                    tubelet_size=int(config.model.encoder.tubelet_size), rollout_steps=int(wm.rollout_steps),
-                   state_source=str(wm.state_source), loss_exponent=float(config.loss.exponent),
+                   state_source=str(wm.state_source), context_frames=int(wm.context_frames),
+                   action_block=int(wm.action_block), action_to_patches=bool(wm.action_to_patches),
+                   inverse_weight=float(wm.inverse_dynamics_weight), loss_exponent=float(config.loss.exponent),
                    diagnostics_every=int(config.train.log_every))
 
     @staticmethod
     def _build_predictor(config, rngs):
         patch = int(config.model.encoder.patch_size)
         res = int(config.data.resolution)
-        return models.build_ac_predictor(config.model, (res // patch, res // patch), A_MAX, S_MAX, rngs)
+        block = int(config.world_model.action_block)
+        return models.build_ac_predictor(config.model, (res // patch, res // patch), block * A_MAX, S_MAX, rngs)
 
     # ---- parameters: (trainable, frozen encoder) ----
     def init(self, rng: jax.Array, config) -> tuple[dict[str, Params], Params]:
         k_enc, k_pred = jax.random.split(rng)
         enc = models.build_encoder(config.model, nnx.Rngs(k_enc))
         pred = self._build_predictor(config, nnx.Rngs(k_pred))
-        return ({"predictor": nnx.to_pure_dict(nnx.state(pred, nnx.Param))},
-                nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
+        params = {"predictor": nnx.to_pure_dict(nnx.state(pred, nnx.Param))}
+        if self.inverse_weight > 0:
+            width = int(config.model.ac_predictor.width)
+            params["inverse"] = self._init_inverse(jax.random.fold_in(rng, 0x1D), params["predictor"], width)
+        return params, nnx.to_pure_dict(nnx.state(enc, nnx.Param))
+
+    @staticmethod
+    def _init_inverse(key, predictor_params: Params, width: int) -> Params:
+        """Inverse-dynamics head: an MLP from (mean-pooled z_t, mean-pooled predicted z_t+1) to the action token."""
+        enc_w = predictor_params["proj_kernel"].shape[1]
+        action_w = predictor_params["action_kernel"].shape[0]
+        k1, k2 = jax.random.split(key)
+        return {"kernel1": 0.02 * jax.random.truncated_normal(k1, -2, 2, (2 * enc_w, width), jnp.float32),
+                "bias1": jnp.zeros((width,), jnp.float32),
+                "kernel2": 0.02 * jax.random.truncated_normal(k2, -2, 2, (width, action_w), jnp.float32),
+                "bias2": jnp.zeros((action_w,), jnp.float32)}
+
+    @staticmethod
+    def inverse_dynamics(inverse_params: Params, z: jax.Array, z_next: jax.Array) -> jax.Array:
+        """Action tokens [B, T, W] inferred from frame representations z, z_next [B, T, N, D] (mean over patches)."""
+        x = jnp.concatenate([z.mean(2), z_next.mean(2)], axis=-1)
+        h = jax.nn.gelu(x @ inverse_params["kernel1"] + inverse_params["bias1"])
+        return h @ inverse_params["kernel2"] + inverse_params["bias2"]
 
     def update_target(self, target: Params, params: dict[str, Params], momentum) -> Params:
         del params, momentum
@@ -97,7 +129,7 @@ class ActionConditioned:
     def predict(self, predictor_params: Params, z: jax.Array, actions: jax.Array, states: jax.Array):
         """One block-causal pass: (layer-normalised next-frame predictions [B, T, N, D], next states [B, T, S])."""
         predictor = nnx.merge(self.predictor_def, nnx.State(predictor_params))
-        z_next, s_next = predictor(z, actions, self.states_of(states))
+        z_next, s_next = predictor(z, actions, self.states_of(states), action_to_patches=self.action_to_patches)
         return layer_norm(z_next), s_next
 
     def rollout(self, predictor_params: Params, z: jax.Array, actions: jax.Array, states: jax.Array) -> jax.Array:
@@ -123,18 +155,47 @@ class ActionConditioned:
         p = self.loss_exponent
         dist = lambda a, b: jnp.mean(jnp.abs(a - b) ** p) / p
         z_tf, s_tf = self.predict(params["predictor"], z[:, :-1], actions[:, :-1], states[:, :-1])
-        r = self.rollout_steps
-        z_roll = self.rollout(params["predictor"], z[:, :1], actions[:, :r], states[:, :1])
-        aux = {"loss/teacher_forcing": dist(z_tf, z[:, 1:]), "loss/rollout": dist(z_roll, z[:, 1:r + 1])}
+        r, c = self.rollout_steps, self.context_frames
+        z_roll = self.rollout(params["predictor"], z[:, :c], actions[:, :c + r - 1], states[:, :c])
+        aux = {"loss/teacher_forcing": dist(z_tf, z[:, 1:]), "loss/rollout": dist(z_roll, z[:, c:c + r])}
         total = aux["loss/teacher_forcing"] + aux["loss/rollout"]
         if self.state_source == "physics":
             aux["loss/state"] = jnp.mean(jnp.abs(s_tf - states[:, 1:]))
             total = total + aux["loss/state"]
+        if self.inverse_weight > 0:
+            # On the *predicted* next frame: with a frozen encoder this is what makes the predictor keep the
+            # action's effect in its predictions (on encoder features alone it would train only the head).
+            inferred = self.inverse_dynamics(params["inverse"], z[:, :-1], z_tf)
+            aux["loss/inverse_dynamics"] = jnp.mean(jnp.abs(inferred - actions[:, :-1]))
+            total = total + self.inverse_weight * aux["loss/inverse_dynamics"]
         # repr/*: the frozen encoder's frame features (the trainer's collapse monitor watches these); pred/std:
         # the predictions' per-dimension spread, far below repr/std when the predictor outputs an average frame.
         aux.update(gated_representation_stats(z.reshape(-1, *z.shape[2:]), step, self.diagnostics_every))
         aux["pred/std"] = jnp.mean(jnp.std(z_tf.reshape(-1, z_tf.shape[-1]), axis=0))
+        aux["diag/action_shuffle_ratio"] = self._gated_shuffle_ratio(params["predictor"], z, actions, states,
+                                                                     aux["loss/teacher_forcing"], step)
         return total, aux
+
+    def shuffle_ratio(self, predictor_params: Params, z: jax.Array, actions: jax.Array, states: jax.Array,
+                      true_loss: jax.Array | None = None) -> jax.Array:
+        """Teacher-forced loss with the actions shuffled across the batch (rolled by one clip) over the loss with
+        the true actions: 1 for a predictor that ignores its actions, above 1 when actions inform the
+        predictions. z [B, T, N, D] observed representations, actions [B, T, W], states [B, T, S]."""
+        p = self.loss_exponent
+        dist = lambda a, b: jnp.mean(jnp.abs(a - b) ** p) / p
+        if true_loss is None:
+            true_loss = dist(self.predict(predictor_params, z[:, :-1], actions[:, :-1], states[:, :-1])[0], z[:, 1:])
+        shuffled = jnp.roll(actions, 1, axis=0)
+        z_sh, _ = self.predict(predictor_params, z[:, :-1], shuffled[:, :-1], states[:, :-1])
+        return jax.lax.stop_gradient(dist(z_sh, z[:, 1:]) / jnp.maximum(true_loss, 1e-12))
+
+    def _gated_shuffle_ratio(self, predictor_params, z, actions, states, true_loss, step) -> jax.Array:
+        """shuffle_ratio on the steps the trainer logs only (it costs a teacher-forced pass), zero otherwise."""
+        ratio = lambda: self.shuffle_ratio(predictor_params, z, actions, states, true_loss)
+        if self.diagnostics_every <= 1:
+            return ratio()
+        return jax.lax.cond((jnp.asarray(step) + 1) % self.diagnostics_every == 0, ratio,
+                            lambda: jnp.zeros((), jnp.float32))
 
     # ---- cost ----
     @staticmethod
@@ -148,14 +209,15 @@ class ActionConditioned:
         pm = int(p.mlp_dim) or 4 * pw
         n = (int(config.data.resolution) // e["patch_size"]) ** 2
         t, r = int(config.data.num_frames), int(config.world_model.rollout_steps)
+        c, a = int(config.world_model.context_frames), int(config.world_model.action_block) * A_MAX
         encoder = t * (metrics_lib.patch_embed_flops(n, e["width"], e["patch_size"], e["tubelet_size"])
                        + metrics_lib.vit_forward_flops(n, e["width"], e["depth"], e["mlp_dim"]))
 
         def predictor_pass(steps: int) -> float:
             tokens = steps * (n + 2)
             io = (2 * metrics_lib.linear_flops(steps * n, e["width"], pw)     # patch embedding and projection
-                  + metrics_lib.linear_flops(steps, A_MAX + S_MAX, pw))    # action and state embeddings
+                  + metrics_lib.linear_flops(steps, a + S_MAX, pw))        # action and state embeddings
             return 3 * (io + metrics_lib.vit_forward_flops(tokens, pw, pd, pm))
 
-        predictor = predictor_pass(t - 1) + sum(predictor_pass(k) for k in range(1, r + 1))
+        predictor = predictor_pass(t - 1) + sum(predictor_pass(k) for k in range(c, c + r))
         return (encoder + predictor) * int(config.train.global_batch_size)
