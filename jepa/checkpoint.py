@@ -13,7 +13,6 @@ to `damaged_checkpoints/` and, unless fallback is refused, the newest intact ear
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import logging
 import os
@@ -54,23 +53,10 @@ def _files(step_dir: epath.Path) -> list[epath.Path]:
     return sorted(found)
 
 
-def _size(p: epath.Path) -> int:
-    info = p.stat()  # os.stat_result locally, epath's StatResult on object stores
-    return info.st_size if hasattr(info, "st_size") else info.length
-
-
-def _sha256(p: epath.Path) -> str:
-    digest = hashlib.sha256()
-    with p.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def seal(step_dir: epath.Path) -> None:
     """Writes the checksum list of a finished step directory (atomically: a partial list is never read)."""
-    files = {os.fspath(p.relative_to(step_dir)): {"size": _size(p), "sha256": _sha256(p)}
-             for p in _files(step_dir)}
+    files = {os.fspath(p.relative_to(step_dir)): {"size": workdir_lib.file_size(p),
+                                                  "sha256": workdir_lib.file_sha256(p)} for p in _files(step_dir)}
     tmp = step_dir / (SEAL_NAME + ".tmp")
     tmp.write_text(json.dumps({"files": files, "sealed": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     tmp.replace(step_dir / SEAL_NAME)
@@ -91,9 +77,9 @@ def verify(step_dir: epath.Path) -> tuple[bool | None, str]:
         p = step_dir / name
         if not p.exists():
             problems.append(f"{name} is missing")
-        elif _size(p) != want["size"]:
-            problems.append(f"{name} has {_size(p)} bytes, {want['size']} were written")
-        elif _sha256(p) != want["sha256"]:
+        elif workdir_lib.file_size(p) != want["size"]:
+            problems.append(f"{name} has {workdir_lib.file_size(p)} bytes, {want['size']} were written")
+        elif workdir_lib.file_sha256(p) != want["sha256"]:
             problems.append(f"{name} has other contents than were written (checksum mismatch)")
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -106,11 +92,17 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
+def _finalized(step_dir: epath.Path) -> bool:
+    """Whether Orbax has finished a step: locally its temporary directory is renamed to the step's name once complete;
+    on object stores it writes into the final name and adds commit_success.txt last."""
+    return step_dir.is_dir() and (workdir_lib.is_local(step_dir) or (step_dir / "commit_success.txt").exists())
+
+
 def _steps_on_disk(directory: epath.Path) -> list[int]:
-    """Finished step directories, newest first (Orbax's temporary directories have non-numeric names)."""
+    """Finished step directories, newest first."""
     if not directory.exists():
         return []
-    return sorted((int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+    return sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit() and _finalized(p)), reverse=True)
 
 
 def _move_aside(workdir_root: epath.Path, step_dir: epath.Path) -> epath.Path:
@@ -200,9 +192,6 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every,
                                                  enable_async_checkpointing=async_save, create=True))
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def save(self, step: int, state: Any, data_iter: Any, *, force: bool = False) -> bool:
         """Starts a (possibly asynchronous) save when `step` is due, or always with force; process 0 seals it in
         the background as soon as Orbax has finished it."""
@@ -222,10 +211,7 @@ class Checkpointer:
         still complete checkpoint that is restored unverified."""
         step_dir = self.directory / str(step)
         deadline = time.monotonic() + timeout_s
-        def finalized():
-            return step_dir.exists() and (workdir_lib.is_local(step_dir) or (step_dir / "commit_success.txt").exists())
-
-        while not finalized():
+        while not _finalized(step_dir):
             if time.monotonic() > deadline or self._closing:
                 return
             time.sleep(0.05)
@@ -301,10 +287,9 @@ class Checkpointer:
             self.manager.close()
 
 
-def latest_step(workdir: str | os.PathLike) -> int | None:
-    """The newest finished checkpoint step of a run (not verified; see load_state)."""
-    steps = _steps_on_disk(checkpoint_dir(workdir))
-    return steps[0] if steps else None
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """A run's finished checkpoint steps, newest first (not verified; see load_state)."""
+    return _steps_on_disk(checkpoint_dir(workdir))
 
 
 def load_state(workdir: str, abstract_state: Any, step: int | None = None, *,

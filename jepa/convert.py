@@ -503,7 +503,7 @@ def write_workdir(workdir: str, config, weights: dict) -> None:
     from jepa import objectives
     from jepa import workdir as workdir_lib
     root = workdir_lib.path(workdir)
-    if (root / "config.json").exists() or ckpt_lib.latest_step(workdir) is not None:
+    if (root / "config.json").exists() or ckpt_lib.saved_steps(workdir):
         raise ConversionError(f"--workdir={workdir}: already holds a run; convert into a new folder")
     objective = objectives.build(config)
     params, ema = jax.eval_shape(lambda: objective.init(jax.random.PRNGKey(0), config))
@@ -538,8 +538,11 @@ def read_workdir(workdir: str, weights: str = "ema", step: int | None = None) ->
         predictor = state["params"]["predictor"]
     except ValueError:
         predictor = None
-    to_np = lambda tree: {k: to_np(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
-    return config, to_np(encoder), (to_np(predictor) if predictor is not None else None)
+    return config, _numpy_tree(encoder), (_numpy_tree(predictor) if predictor is not None else None)
+
+
+def _numpy_tree(tree: Mapping) -> dict:
+    return {k: _numpy_tree(v) if isinstance(v, Mapping) else np.asarray(v) for k, v in tree.items()}
 
 
 def _mlp_ratio(mlp_dim: int, width: int) -> float:
@@ -591,7 +594,11 @@ def export(workdir: str, output: str, fmt: str, weights: str = "ema", step: int 
             json.dump(hf_config(config, models.resolved_dims(config.model)), f, indent=2)
         return output
     # Meta's files keep both encoders: the online one from the run next to the EMA target encoder.
-    online = encoder if weights == "online" else read_workdir(workdir, "online", step)[1]
+    if weights == "online":
+        online = encoder
+    else:  # only the online encoder: the config and predictor are read already
+        from jepa import runs
+        online = _numpy_tree(runs.load_encoder(workdir, config, weights="online", step=step)[0])
     parts = {"encoder": encoder_to(online, "meta"), "target_encoder": encoder_to(encoder, "meta")}
     if predictor is not None:
         parts["predictor"] = predictor_to(predictor, "meta")

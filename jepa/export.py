@@ -23,7 +23,6 @@ the end) whose residual streams pass through the encoder's final LayerNorm, conc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -317,19 +316,6 @@ def features_meta(config, split: str, layers, features) -> dict:
 # ---------------------------------------------------------------- files: shards, manifests, resume
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _size(path) -> int:
-    info = path.stat()  # os.stat_result locally, epath's StatResult on object stores
-    return info.st_size if hasattr(info, "st_size") else info.length
-
-
 def _atomic_write(path, write) -> None:
     tmp = path.parent / f"{path.name}.tmp{os.getpid()}"
     write(tmp)
@@ -365,7 +351,7 @@ def _verified_shards(output: str, manifest: dict) -> int:
     for shard in manifest.get("shards", []):
         for name, (size, digest) in shard["files"].items():
             path = root / name
-            if not path.exists() or _size(path) != size or _sha256(path) != digest:
+            if not path.exists() or workdir_lib.file_size(path) != size or workdir_lib.file_sha256(path) != digest:
                 log.warning("export: shard file %s is missing or damaged; recomputing from shard %d", name, done)
                 return done
         done += 1
@@ -383,7 +369,8 @@ def _write_shard(output: str, process_index: int, shard: int, records: list[dict
     rows_name = f"{prefix}.rows.jsonl"
     _save_json(root / rows_name, [row for r in records for row in r["rows"]], lines=True)
     return {"shard": shard, "rows": int(arrays["pooled"].shape[0]), "arrays": sorted(arrays),
-            "files": {n: [_size(root / n), _sha256(root / n)] for n in [*files, rows_name]}}
+            "files": {n: [workdir_lib.file_size(root / n), workdir_lib.file_sha256(root / n)]
+                      for n in [*files, rows_name]}}
 
 
 def export(workdir: str, output: str, *, split: str, step: int | None = None, encoder: str = "ema",

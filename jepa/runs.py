@@ -80,16 +80,11 @@ def inference_mesh():
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
     """`step` (checked to exist) or the run's latest finished checkpoint step."""
-    import orbax.checkpoint as ocp
-    directory = ckpt_lib.checkpoint_dir(workdir)
-    steps = []
-    if directory.exists():
-        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-            steps = manager.all_steps()
+    steps = ckpt_lib.saved_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"workdir {workdir}: no finished checkpoint in {ckpt_lib.checkpoint_dir(workdir)}")
     if step is None:
-        return max(steps)
+        return steps[0]
     if step not in steps:
         raise ValueError(f"--step={step}: no such checkpoint in {workdir} (have {sorted(steps)})")
     return step

@@ -6,6 +6,7 @@ the bucket from every host of a pod instead of creating a local `./gs:` folder o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,19 @@ def path(p: str | os.PathLike) -> epath.Path:
 
 def is_local(p: epath.Path) -> bool:
     return "://" not in os.fspath(p)
+
+
+def file_size(p: epath.Path) -> int:
+    info = p.stat()  # os.stat_result locally, epath's StatResult on object stores
+    return info.st_size if hasattr(info, "st_size") else info.length
+
+
+def file_sha256(p: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(p: str | os.PathLike, obj, indent: int = 1) -> epath.Path:
