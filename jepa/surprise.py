@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jepa import workdir as workdir_lib
+from jepa.data.clips import action_blocks
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,6 @@ class Window:
     @property
     def frames(self) -> np.ndarray:
         return self.start + self.step * np.arange(self.length)
-
-
-def action_blocks(actions: np.ndarray, frames: np.ndarray, step: int) -> np.ndarray:
-    """The `step` actions applied after each of the episode `frames`, concatenated in order: [len(frames), step * A]
-    (actions [T, A]; steps past the episode end carry zeros)."""
-    a = np.asarray(actions, np.float32)
-    padded = np.concatenate([a, np.zeros((step, a.shape[1]), np.float32)])
-    return np.stack([padded[i:i + step].reshape(-1) for i in frames])
 
 
 def clip_of(record: dict, window: Window) -> dict:

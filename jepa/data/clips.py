@@ -92,6 +92,16 @@ def clip_settings(config) -> ClipSettings:
     return s
 
 
+def action_blocks(actions, frames, block: int) -> np.ndarray:
+    """Per kept frame t, the `block` actions applied from frame t on, each zero-padded to A_MAX and concatenated in
+    order: float32 [len(frames), block * A_MAX] (actions [T, A <= A_MAX]; steps past the episode end carry zeros)."""
+    a = np.asarray(actions, np.float32)[:, :A_MAX]
+    padded = np.zeros((a.shape[0] + block, A_MAX), np.float32)
+    padded[:a.shape[0], :a.shape[1]] = a
+    steps = np.asarray(frames)[:, None] + np.arange(block)[None]                       # [T, block]
+    return padded[np.minimum(steps, a.shape[0])].reshape(len(steps), block * A_MAX)
+
+
 class ClipMaker:
     """Record -> clip element: read, pick frames, decode (resize on decode), augment, normalise.
 
@@ -158,18 +168,15 @@ class ClipMaker:
         out = {"label": np.int32(record.get("label", -1))}
         if self.world:
             block = self.s.frame_step
-            actions = np.zeros((len(indices), block, A_MAX), np.float32)
+            actions = np.zeros((len(indices), block * A_MAX), np.float32)
             states = np.zeros((len(indices), S_MAX), np.float32)
             domain = -1
             if is_world(record):
-                a, st = np.asarray(record["actions"], np.float32), np.asarray(record["states"], np.float32)
-                steps = np.asarray(indices)[:, None] + np.arange(block)[None]          # [T, block]
-                inside = steps < a.shape[0]
-                actions[:, :, :a.shape[1]] = np.where(inside[..., None], a[np.minimum(steps, a.shape[0] - 1), :A_MAX],
-                                                      0.0)
+                actions = action_blocks(record["actions"], indices, block)
+                st = np.asarray(record["states"], np.float32)
                 states[:, :st.shape[1]] = st[indices, :S_MAX]
                 domain = int(record["domain"])
-            out.update(actions=actions.reshape(len(indices), block * A_MAX), states=states, domain=np.int32(domain))
+            out.update(actions=actions, states=states, domain=np.int32(domain))
         return out
 
     def _media(self, record: Mapping):
