@@ -72,6 +72,8 @@ setup(
             "jepa-prepare=jepa.data.prepare:run",
             "jepa-data-bench=jepa.data.bench:run_cli",
             "jepa-convert=jepa.convert:run",
+            "jepa-constraints=jepa.constraints:run",
+            "jepa-guard=jepa.guard:run",
         ],
     },
 )

@@ -24,6 +24,36 @@ def gib(n: float) -> str:
     return f"{n / 2**30:8.3f} GiB" if n >= 2**30 else f"{n / 2**20:8.3f} MiB"
 
 
+def abstract_batch(config, mesh) -> dict:
+    """The pipeline's batch as ShapeDtypeStructs (uint8 video, int32 index lists), sharded over the batch axes."""
+    import jax
+    import numpy as np
+
+    from jepa import masks, sharding
+    from jepa import train as train_lib
+
+    b = config.train.global_batch_size
+    r, t = config.data.resolution, config.data.num_frames
+    shard = sharding.batch_sharding(mesh)
+    batch = {"video": jax.ShapeDtypeStruct((b, t, r, r, 3), np.uint8, sharding=shard)}
+    for name, (n_ctx, n_tgt) in masks.mask_lengths(config).items():
+        batch[f"{name}/context_idx"] = jax.ShapeDtypeStruct((b, n_ctx), np.int32, sharding=shard)
+        batch[f"{name}/target_idx"] = jax.ShapeDtypeStruct((b, n_tgt), np.int32, sharding=shard)
+    return {k: batch[k] for k in train_lib.data_keys(config)}
+
+
+def compile_step(config, mesh):
+    """(jepa.train.build_run's Run, the train step compiled ahead of time for an abstract batch, compile seconds):
+    nothing is initialised and no data is read."""
+    import time
+
+    from jepa import train as train_lib
+    run = train_lib.build_run(config, mesh)
+    start = time.perf_counter()
+    compiled = run.train_step.lower(run.abstract_state, abstract_batch(config, mesh)).compile()
+    return run, compiled, time.perf_counter() - start
+
+
 def _define_flags(argv) -> None:
     from absl import flags
 
@@ -60,8 +90,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     from jepa import config as config_lib
-    from jepa import masks, sharding
     from jepa import metrics as metrics_lib
+    from jepa import sharding
     from jepa import train as train_lib
 
     config = args.config
@@ -70,24 +100,8 @@ def main(argv=None) -> int:
     config.mesh = dict(zip(sharding.AXES, (int(x) for x in args.mesh.split(",")), strict=True))
     config_lib.validate(config)
     mesh = sharding.make_mesh(config.mesh)
-    run = train_lib.build_run(config, mesh)
-
-    # Abstract batch: the pipeline's field shapes (uint8 video, int32 index lists), sharded over the batch axes.
+    run, compiled, compile_s = compile_step(config, mesh)
     b = config.train.global_batch_size
-    r, t = config.data.resolution, config.data.num_frames
-    batch = {"video": jax.ShapeDtypeStruct((b, t, r, r, 3), np.uint8, sharding=sharding.batch_sharding(mesh))}
-    for name, (n_ctx, n_tgt) in masks.mask_lengths(config).items():
-        batch[f"{name}/context_idx"] = jax.ShapeDtypeStruct((b, n_ctx), np.int32,
-                                                            sharding=sharding.batch_sharding(mesh))
-        batch[f"{name}/target_idx"] = jax.ShapeDtypeStruct((b, n_tgt), np.int32,
-                                                           sharding=sharding.batch_sharding(mesh))
-    batch = {k: batch[k] for k in train_lib.data_keys(config)}
-
-    import time
-    start = time.perf_counter()
-    lowered = run.train_step.lower(run.abstract_state, batch)
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
 
     params = run.abstract_state["params"]

@@ -104,6 +104,8 @@ def base_config() -> ConfigDict:
     c.model.remat = "none"             # "none" | "full" | "dots"
     c.model.attention = "einsum"       # "einsum" | "xla" | "cudnn" (fused kernel on NVIDIA GPUs, bf16/fp16)
     c.model.scan = True                # one lax.scan over the blocks (False: a Python loop, e.g. for profiles)
+    c.model.residual_dtype = "float32"  # transformer residual stream: "float32" | "compute" (model.dtype; LayerNorm
+                                        # statistics stay float32)
     # The world model's action-conditioned, block-causal predictor (objective "ac"; mlp_dim 0 = 4 x width).
     c.model.ac_predictor = ConfigDict(dict(width=128, depth=4, heads=4, mlp_dim=0))
 
@@ -126,6 +128,8 @@ def base_config() -> ConfigDict:
         context_frames=2,              # observed frames the rollout loss starts from (>= 2 show velocities)
         action_to_patches=False,       # also add each step's action embedding to every patch token of the step
         inverse_dynamics_weight=0.0,   # > 0: infer the action from (z_t, predicted z_t+1); weight of that L1 loss
+        train_encoder=False,           # True: train the encoder with the predictor (PLDM-style, from encoder_from's
+                                       # weights), kept from collapse by loss.variance_weight / covariance_weight
     ))
 
     # ---- planning and surprise with a world model (jepa/planning.py, jepa/plan.py, jepa/surprise.py) ----
@@ -137,11 +141,26 @@ def base_config() -> ConfigDict:
         energy_norm="l1",              # "l1": mean |prediction - goal| over patches and dims; "l2": mean squared
         optimizer="cem",               # "cem" (refit to the elites) or "mppi" (all samples, weights exp(-E / T))
         temperature=0.5,               # mppi: T in units of the iteration's energy std
+        block_actions="hold",          # "hold": one action per block, held for its steps; "free": each step's own
         execute_steps=1,               # blocks (world_model.action_block actions each) executed per plan
         context_frames=0,              # latest frames the planner conditions on; 0: world_model.context_frames
         episode_steps=20,              # control steps per planning episode (a multiple of the action block)
         goal_steps=10,                 # the goal: where one random constant action takes the system in this many steps
         surprise_quantile=0.99,        # monitor threshold: this quantile of surprise on unaltered clips
+        # The gate and consequence checks of `--guard` (jepa/guard.py), calibrated on nominal planning episodes.
+        guard_coverage=0.95,           # fraction of nominal blocks the gate acts on
+        guard_hold_limit=3,            # holds in a row (zero action for a block) that stop the episode
+        guard_surprise_window=2,       # recent surprise: the largest over the latest this many blocks
+        guard_fault_quantile=0.99,     # consequence margin: this quantile of nominal blocks' scores
+        guard_fault_blocks=3,          # consequence check: executed blocks whose evidence is summed
+        guard_calibration_episodes=10,  # nominal episodes the thresholds are calibrated on
+        # Rules on the predicted outcome (jepa/constraints.py), ";"-separated, "" for none: keep_out(x=,y=,r=)
+        # (effector outside a disc), joint_band(joint=,lo=,hi=) (a qpos outside a band), joint_limit(joint=,lo=,
+        # hi=) (inside limits), action_rate(max=) (|a_t - a_t-1| per dimension); read from the world model's
+        # latents by the readout of `python -m jepa.constraints fit`.
+        constraints="",
+        constraint_mode="reject",      # "reject" violating samples, "penalty" (+ weight x violation), "lagrangian"
+        constraint_weight=100.0,       # penalty weight, or the augmented Lagrangian's rho, per unit of violation
     ))
 
     # ---- optimisation (jepa/optim.py): published V-JEPA 2 values ----
@@ -190,11 +209,12 @@ def validate(c: ConfigDict) -> None:
             raise ConfigError(f"config.{field}: {why}")
 
     # The allowed values are the constants the code itself dispatches on (imported here: jax is loaded lazily).
+    from jepa.constraints import parse as parse_constraints
     from jepa.data.sources import SOURCE_KINDS
-    from jepa.models import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, ROPE_LAYOUTS
+    from jepa.models import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, RESIDUAL_DTYPES, ROPE_LAYOUTS
     from jepa.objectives import OBJECTIVES
     from jepa.objectives.ac import ENCODER_WEIGHTS, STATE_SOURCES
-    from jepa.planning import ENERGY_NORMS, ENERGY_STEPS, OPTIMIZERS
+    from jepa.planning import BLOCK_ACTIONS, CONSTRAINT_MODES, ENERGY_NORMS, ENERGY_STEPS, OPTIMIZERS
     from jepa.sharding import DISTRIBUTED_MODES
 
     def one_of(values) -> str:
@@ -216,6 +236,14 @@ def validate(c: ConfigDict) -> None:
         need(wm.action_block >= 1, "world_model.action_block", f"must be >= 1, got {wm.action_block}")
         need(wm.inverse_dynamics_weight >= 0, "world_model.inverse_dynamics_weight",
              f"must be >= 0, got {wm.inverse_dynamics_weight}")
+        # Predictions and targets from one trained encoder: a constant representation is a perfect prediction.
+        need(not wm.train_encoder or c.loss.variance_weight > 0 or c.loss.covariance_weight > 0,
+             "world_model.train_encoder", "training the encoder with the predictor needs loss.variance_weight or "
+             "loss.covariance_weight > 0 (both are 0): without them the encoder collapses to a constant")
+        need(wm.train_encoder or (c.loss.variance_weight == 0 and c.loss.covariance_weight == 0),
+             "loss.variance_weight", f"variance_weight={c.loss.variance_weight} and covariance_weight="
+             f"{c.loss.covariance_weight} act on a trained encoder only: set both to 0 for a frozen one, or "
+             "world_model.train_encoder=True")
         # A clip keeps the frame_step actions between two kept frames as one block: they must be the model's block.
         need(d.frame_step == wm.action_block, "data.frame_step",
              f"{d.frame_step} must equal world_model.action_block={wm.action_block} (each latent step's action "
@@ -236,9 +264,25 @@ def validate(c: ConfigDict) -> None:
         need(p.energy_steps in ENERGY_STEPS, "plan.energy_steps",
              f"{p.energy_steps!r} is not one of {one_of(ENERGY_STEPS)}")
         need(p.optimizer in OPTIMIZERS, "plan.optimizer", f"{p.optimizer!r} is not one of {one_of(OPTIMIZERS)}")
+        need(p.block_actions in BLOCK_ACTIONS, "plan.block_actions",
+             f"{p.block_actions!r} is not one of {one_of(BLOCK_ACTIONS)}")
         need(p.temperature > 0, "plan.temperature", f"must be > 0, got {p.temperature}")
         need(p.energy_norm in ENERGY_NORMS, "plan.energy_norm",
              f"{p.energy_norm!r} is not one of {one_of(ENERGY_NORMS)}")
+        for field, ok, why in [("guard_coverage", 0 < p.guard_coverage <= 1, "must lie in (0, 1]"),
+                               ("guard_fault_quantile", 0 < p.guard_fault_quantile <= 1, "must lie in (0, 1]"),
+                               ("guard_hold_limit", p.guard_hold_limit >= 1, "must be >= 1"),
+                               ("guard_surprise_window", p.guard_surprise_window >= 1, "must be >= 1"),
+                               ("guard_fault_blocks", p.guard_fault_blocks >= 1, "must be >= 1"),
+                               ("guard_calibration_episodes", p.guard_calibration_episodes >= 1, "must be >= 1")]:
+            need(ok, f"plan.{field}", f"{why}, got {p[field]}")
+        need(p.constraint_mode in CONSTRAINT_MODES, "plan.constraint_mode",
+             f"{p.constraint_mode!r} is not one of {one_of(CONSTRAINT_MODES)}")
+        need(p.constraint_weight > 0, "plan.constraint_weight", f"must be > 0, got {p.constraint_weight}")
+        try:
+            parse_constraints(p.constraints)
+        except ValueError as err:
+            raise ConfigError(f"config.plan.constraints: {err}") from None
         need(c.encoder_weights in ENCODER_WEIGHTS, "encoder_weights",
              f"{c.encoder_weights!r} is not one of {one_of(ENCODER_WEIGHTS)}")
         need(c.encoder_weights == "random" or bool(c.encoder_from), "encoder_from",
@@ -260,6 +304,8 @@ def validate(c: ConfigDict) -> None:
          f"{c.model.dtype!r} is not one of {one_of(DTYPES)} (float16 would need loss scaling, which is not built)")
     need(c.model.remat in REMAT_POLICIES, "model.remat",
          f"unknown policy {c.model.remat!r} (one of {one_of(REMAT_POLICIES)})")
+    need(c.model.residual_dtype in RESIDUAL_DTYPES, "model.residual_dtype",
+         f"{c.model.residual_dtype!r} is not one of {one_of(RESIDUAL_DTYPES)}")
     need(c.model.attention in ATTENTION_IMPLS, "model.attention",
          f"unknown implementation {c.model.attention!r} (one of {one_of(ATTENTION_IMPLS)})")
     need(c.model.attention != "cudnn" or c.model.dtype == "bfloat16",

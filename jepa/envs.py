@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -149,9 +150,10 @@ class WorldEnv:
             self.physics.data.qpos[:] = qpos
             self.physics.data.qvel[:] = qvel
 
-    def simulate(self, actions) -> np.ndarray:
+    def simulate(self, actions, qpos: bool = False) -> np.ndarray:
         """Effector (x, y) after every step of each action sequence [S, T, action_dim] (clipped to the bounds),
-        each started from the current state on a copy of the physics: float64 [S, T, 2]. The environment itself
+        each started from the current state on a copy of the physics: float64 [S, T, 2], or with `qpos` [S, T,
+        2 + num_qpos] (x, y, then the joint positions; constraints check both). The environment itself
         is not changed. Why: the planning oracle scores candidate plans with the true simulator, exactly as
         `step` would play them (the action held for `action_repeat` control steps of dm_control's sub-steps)."""
         import mujoco
@@ -165,13 +167,15 @@ class WorldEnv:
             self._scratch = self.physics.copy(share_model=True)
         sim, m = self._scratch, self.physics.model.ptr
         sub_steps = self.env._n_sub_steps * self.action_repeat  # dm_control's physics steps per control step
-        out = np.empty((a.shape[0], a.shape[1], 2))
+        out = np.empty((a.shape[0], a.shape[1], 2 + self.num_qpos if qpos else 2))
         for i, sequence in enumerate(a):
             mujoco.mj_copyData(sim.data.ptr, m, self.physics.data.ptr)
             for t, action in enumerate(sequence):
                 sim.set_control(action)
                 sim.step(sub_steps)
-                out[i, t] = sim.named.data.geom_xpos[self.effector][:2]
+                out[i, t, :2] = sim.named.data.geom_xpos[self.effector][:2]
+                if qpos:
+                    out[i, t, 2:] = sim.data.qpos
         return out
 
     def render(self) -> np.ndarray:
@@ -278,6 +282,7 @@ def changed_env(domain: int | str, resolution: int = 64, *, mass_scale: float = 
         model.body_mass[1:] *= mass_scale      # body 0 is the world
         model.body_inertia[1:] *= mass_scale
         model.actuator_gear[:, 0] *= actuator_sign
+        _recompute_constants(env)
         _CHANGED_ENVS[key] = env
     return _CHANGED_ENVS[key]
 
@@ -321,3 +326,51 @@ def resimulate(domain: int | str, seed: int, state, actions, resolution: int = 6
     if not frames:
         return np.zeros((0, env.resolution, env.resolution, 3), np.uint8), np.zeros((0, S_MAX), np.float32)
     return np.stack(frames), np.stack(states)
+
+
+# ---------------------------------------------------------------- faults injected into a running episode
+
+# Changes of the world or of an actuator that the guard's benchmark injects mid-episode (jepa/guard.py).
+FAULTS = ("actuator_inverted", "actuator_dead", "actuator_weak", "mass", "camera")
+ACTUATOR_FAULTS = ("actuator_inverted", "actuator_dead", "actuator_weak")
+_FAULT_GEAR = {"actuator_inverted": -1.0, "actuator_dead": 0.0, "actuator_weak": 0.3}
+
+
+def inject_fault(env: WorldEnv, kind: str, actuator: int = 0) -> Callable[[], None]:
+    """Change the running `env`'s model in place from its next step on and return the function that restores it.
+    kind: "actuator_inverted" / "actuator_dead" / "actuator_weak" (gear of `actuator` times -1 / 0 / 0.3), "mass"
+    (every body 5x heavier, as changed_env's mass_scale=5) or "camera" (the dataset camera moved 10% of its height
+    sideways: the frames change, the dynamics do not). The physics state is untouched, so the episode goes on."""
+    model = env.physics.model
+    if kind in _FAULT_GEAR:
+        if not 0 <= actuator < env.action_dim:
+            raise ValueError(f"actuator: {actuator} is not an actuator of {env.domain} (0..{env.action_dim - 1})")
+        fields = {"actuator_gear": model.actuator_gear}
+        before = {"actuator_gear": model.actuator_gear.copy()}
+        model.actuator_gear[actuator, 0] *= _FAULT_GEAR[kind]
+    elif kind == "mass":
+        fields = {"body_mass": model.body_mass, "body_inertia": model.body_inertia}
+        before = {k: v.copy() for k, v in fields.items()}
+        model.body_mass[1:] *= 5.0      # body 0 is the world
+        model.body_inertia[1:] *= 5.0
+        _recompute_constants(env)
+    elif kind == "camera":
+        fields = {"cam_pos": model.cam_pos}
+        before = {"cam_pos": model.cam_pos.copy()}
+        model.cam_pos[env.camera_id, 0] += 0.1 * abs(float(model.cam_pos[env.camera_id, 2]))
+    else:
+        raise ValueError(f"fault kind: {kind!r} is not one of {', '.join(FAULTS)}")
+
+    def restore() -> None:
+        for name, array in fields.items():
+            array[:] = before[name]
+        _recompute_constants(env)
+    return restore
+
+
+def _recompute_constants(env: WorldEnv) -> None:
+    """Refresh the model constants MuJoCo derives from masses at compile time. Why: a model whose mass matrix
+    does not depend on the configuration (point_mass's two slide joints) keeps its compiled one, so a changed
+    body_mass alone would not change the dynamics. A scratch MjData, as mj_setConst overwrites the one it gets."""
+    import mujoco
+    mujoco.mj_setConst(env.physics.model.ptr, mujoco.MjData(env.physics.model.ptr))

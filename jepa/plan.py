@@ -123,19 +123,34 @@ class Oracle:
 
         def energy(actions):
             return jax.pure_callback(energy_np, jax.ShapeDtypeStruct(actions.shape[:1], jnp.float32), actions)
-        self._plan = jax.jit(lambda key, low, high, mean: cem(energy, key, low, high, settings, mean, length))
 
-    def plan(self, goal_position, low, high, key, init_mean) -> tuple[np.ndarray, dict]:
+        def plan_fn(check, key, low, high, mean, values, last):
+            fn = energy if check is None else lambda a: (energy(a), check(values, None, None, a, last))
+            return cem(fn, key, low, high, settings, mean, length, self.block)
+        self._plan = jax.jit(plan_fn, static_argnums=0)
+
+    def plan(self, goal_position, low, high, key, init_mean, check=None, check_values=None,
+             last_action=None) -> tuple[np.ndarray, dict]:
+        """check: an optional constraint on the sampled actions (jepa.constraints.oracle_check: the simulated
+        path) with its check_values; last_action [A]: the last executed action (action-rate rules)."""
         self.goal = np.asarray(goal_position, np.float64)
-        plan, info = self._plan(key, np.asarray(low, np.float32), np.asarray(high, np.float32), init_mean)
+        last = np.zeros(np.shape(low), np.float32) if last_action is None else np.asarray(last_action, np.float32)
+        plan, info = self._plan(check, key, np.asarray(low, np.float32), np.asarray(high, np.float32), init_mean,
+                                check_values, last)
         return np.asarray(plan), {k: np.asarray(v) for k, v in info.items()}
 
 
 def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", settings: CEMSettings | None = None,
                 episode_steps: int = 25, goal_steps: int = 10, execute_steps: int = 1, context_frames: int = 0,
-                monitor: Monitor | None = None, record: bool = False, oracle: Oracle | None = None) -> dict:
+                monitor: Monitor | None = None, record: bool = False, oracle: Oracle | None = None,
+                guard=None, shift=None, constraints=None) -> dict:
     """One MPC episode toward the seed's goal. policy: "cem" (plan with the world model), "random" (uniform
-    actions) or "oracle" (CEM on the true simulator: `oracle`, built on `env`).
+    actions) or "oracle" (CEM on the true simulator: `oracle`, built on `env`). guard: a jepa.guard.Guard that
+    decides act / hold / stop before each block and checks its consequences after it (its records in
+    out["guard"]); shift: a jepa.guard.Shift applied to `env` before block shift.at (the caller undoes it).
+    constraints: a jepa.constraints.EpisodeConstraints: its check (if any) constrains the plans (the oracle's
+    only through the true simulator, jepa.constraints.oracle_check), and every executed step's true violation is
+    measured (out["violation"], one amount per step).
 
     The episode advances in blocks of the model's action_block environment steps (one latent step): each
     planning call searches settings.horizon blocks, the first `execute_steps` blocks are executed, then the
@@ -168,7 +183,15 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
     observed_states = [obs["state"]] if record else None
     queue: list[np.ndarray] = []
     previous, executed = None, 0  # the last plan and how many of its blocks have been executed
+    if guard is not None:
+        guard.reset(seed)
+    if constraints is not None:
+        constraints.reset(env)
+        out["violation"] = []
+    out["stopped"] = None
     for t in range(episode_steps // block):
+        if shift is not None and t == shift.at:
+            shift.apply(env)
         k = min(context_frames, len(seen))
         z, st = jnp.stack(seen[-k:]), np.stack(states[-k:])
         past = np.concatenate(done[-(k - 1):]) if k > 1 else None
@@ -182,11 +205,14 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
                                            np.repeat(previous[-1:], executed * block, axis=0)], axis=0)
                 key, sub = jax.random.split(key)
                 start = time.perf_counter()
+                check = constraints.check if constraints is not None else None
+                values = constraints.values if check is not None else None
                 if policy == "oracle":
-                    plan, info = oracle.plan(goal.position, low, high, sub, warm)
+                    plan, info = oracle.plan(goal.position, low, high, sub, warm, check, values,
+                                             done[-1][-1] if done else None)
                 else:
                     plan, info = model.plan(z, st, z_goal, low, high, settings, sub, init_mean=warm,
-                                            past_actions=past)
+                                            past_actions=past, check=check, check_values=values)
                 out["plan_time"].append(time.perf_counter() - start)
                 out["fresh_plans"].append(warm is None)
                 out["energy"].append(float(info["best_energy"][-1]))
@@ -195,10 +221,21 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
             actions = queue.pop(0)
             executed += 1
         actions = np.asarray(actions, np.float32)
+        if guard is not None:
+            rest = actions if previous is None or policy == "random" else previous[(executed - 1) * block:]
+            decision = guard.before(t, z, st, past, actions, rest)
+            if decision == "stop":
+                out["stopped"] = t
+                break
+            if decision == "hold":  # the safe block, then a fresh plan
+                actions = guard.safe_block(low, high, block)
+                queue, previous = [], None
         predicted = model.next_prediction(z, st, past, actions)
         for a in actions:
             obs = env.step(a)
             out["actions"].append(np.asarray(a, np.float64).tolist())
+            if constraints is not None:
+                out["violation"].append(constraints.observe(env, a))
             out["distance"].append(dist())
             if record:
                 frames.append(obs["frame"])
@@ -209,6 +246,8 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
         seen, states, done = seen[-context_frames:], states[-context_frames:], done[-context_frames:]
         surprise = float(np.mean(np.abs(np.asarray(predicted) - np.asarray(seen[-1]))))
         out["surprise"].append(surprise)
+        if guard is not None:
+            guard.after(t, z, st, past, actions, seen[-1], surprise, observed_state=states[-1])
         if monitor is not None and surprise > monitor.threshold:
             out["flagged"].append(t)
             again = monitor.replan and policy == "cem"
@@ -223,6 +262,10 @@ def run_episode(model: WorldModel, env, seed: int, *, policy: str = "cem", setti
                final_distance=out["distance"][-1], min_distance=float(min(out["distance"])),
                success=out["distance"][-1] < radius, reached=min(out["distance"]) < radius,
                action_block=block)
+    if constraints is not None:
+        out["violating_steps"] = int(sum(v > 0 for v in out["violation"]))
+    if guard is not None:
+        out["guard"] = guard.records
     if record:
         out["frames"], out["states"], out["goal_frame"] = np.stack(frames), np.stack(observed_states), goal.frame
     return out
@@ -239,11 +282,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
 
 
 def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, config,
-             monitor: Monitor | None = None, *, name: str = "", progress: bool = False) -> dict:
+             monitor: Monitor | None = None, *, name: str = "", progress: bool = False,
+             constraints=None, guard=None) -> dict:
     """Episodes over `seeds`: "final" success (within the radius at the end) and "reached" success (at any
     step) with 95% Wilson intervals, distances, planning time per environment action (None without planning).
     `progress`: a bar over the episodes and a line per episode, labelled with the domain and `name` (the
-    method)."""
+    method). constraints: (env, seed) -> jepa.constraints.EpisodeConstraints of the episode; adds the violation
+    rate (episodes with a violating step, Wilson interval) and violating steps per episode. guard: a
+    jepa.guard.Guard for every episode; adds the fraction of blocks acted on and its decisions ("decisions")."""
     from tqdm.auto import tqdm
 
     from jepa.envs import make_env
@@ -258,7 +304,8 @@ def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, 
         for i, s in enumerate(bar):
             e = run_episode(model, env, s, policy=policy, settings=settings, episode_steps=int(p.episode_steps),
                             goal_steps=int(p.goal_steps), execute_steps=int(p.execute_steps),
-                            context_frames=int(p.context_frames), monitor=monitor, oracle=oracle)
+                            context_frames=int(p.context_frames), monitor=monitor, oracle=oracle,
+                            constraints=constraints(env, s) if constraints is not None else None, guard=guard)
             episodes.append(e)
             if progress:
                 bar.write(f"{label}, episode {i + 1}/{len(seeds)} (seed {s}): {episode_line(e)}", file=sys.stderr)
@@ -281,7 +328,18 @@ def evaluate(model: WorldModel, domain: str, seeds: Sequence[int], policy: str, 
         "flagged_steps": int(sum(len(e["flagged"]) for e in episodes)),
         "replans": int(sum(e["replans"] for e in episodes)),
         "episodes": [{k: e[k] for k in ("seed", "success", "reached", "initial_distance", "final_distance",
-                                        "min_distance", "flagged", "replans")} for e in episodes]})
+                                        "min_distance", "flagged", "replans", "violating_steps", "stopped")
+                      if k in e}
+                     for e in episodes]})
+    if constraints is not None:
+        bad = int(sum(e["violating_steps"] > 0 for e in episodes))
+        out.update(violation_rate=bad / n, violation_rate_ci95=list(wilson_interval(bad, n)),
+                   violating_steps=float(np.mean([e["violating_steps"] for e in episodes])),
+                   violation_amount=float(np.mean([sum(e["violation"]) for e in episodes])))
+    if guard is not None:
+        decisions = [r for e in episodes for r in e["guard"]]
+        blocks = int(p.episode_steps) // model.action_block
+        out.update(acted=sum(r["decision"] == "act" for r in decisions) / (blocks * n), decisions=decisions)
     return out
 
 
@@ -319,6 +377,44 @@ def energy_landscape(model: WorldModel, env, seed: int, points: int = 41, settin
             "true_action": true.tolist()}
 
 
+def energy_fidelity(model: WorldModel, env, seeds: Sequence[int], goal_steps: int, candidates: int = 32,
+                    settings: CEMSettings | None = None) -> dict:
+    """How well the planner's energy ranks outcomes, per episode seed: `candidates` constant actions held for
+    goal_steps (the goal's own action first, the rest uniform) are played in the simulator, and the true final
+    effector distance to the goal is correlated (Pearson, averaged over seeds) with
+      - "predicted": the world model's energy of the action sequence from the start frame (what CEM minimises);
+      - "true_frames": the same distance (energy_norm) between the encoded true final frame and the goal: the
+        best any predictor on this encoder can do;
+      - "pixels": mean |pixel difference| of the true final frame and the goal image (a reference cost).
+    A low "true_frames" says the encoder's geometry, not the predictor or the search, limits planning."""
+    settings = settings or settings_of(model.config)
+    dist = (lambda d: jnp.abs(d)) if settings.energy_norm == "l1" else jnp.square
+    out: dict[str, list] = {"predicted": [], "true_frames": [], "pixels": []}
+    for seed in seeds:
+        goal = make_goal(env, seed, goal_steps)
+        rng = np.random.default_rng([int(seed), 0xF1D])
+        actions = np.concatenate([goal.actions[:1], rng.uniform(env.action_low, env.action_high,
+                                                                (candidates - 1, len(env.action_low)))])
+        frames, distance = [], []
+        for a in actions:
+            obs = env.reset(seed)
+            for _ in range(goal_steps):
+                obs = env.step(a)
+            frames.append(obs["frame"])
+            distance.append(np.linalg.norm(env.effector_position() - goal.position))
+        start = env.reset(seed)
+        z_goal = model.encode(goal.frame[None])[0]
+        sequences = np.repeat(actions[:, None], math.ceil(goal_steps / model.action_block) * model.action_block, 1)
+        scores = {
+            "predicted": model.energy(model.encode(start["frame"][None]), start["state"][None], z_goal, sequences,
+                                      settings=settings),
+            "true_frames": jnp.mean(dist(model.encode(np.stack(frames)) - z_goal[None]), axis=(1, 2)),
+            "pixels": np.abs(np.stack(frames).astype(np.float32) - goal.frame.astype(np.float32)).mean((1, 2, 3))}
+        for name, e in scores.items():
+            out[name].append(float(np.corrcoef(np.asarray(e, np.float64), distance)[0, 1]))
+    return {name: float(np.mean(v)) for name, v in out.items()}
+
+
 def plot_landscapes(landscapes: dict, path) -> None:
     """landscapes: {domain: {model name: energy_landscape(...)}} -> one PNG, a panel per domain."""
     import matplotlib
@@ -336,17 +432,17 @@ def plot_landscapes(landscapes: dict, path) -> None:
         ax.set(title=f"{domain}: energy around the true action", xlabel="offset from the true action",
                ylabel="energy (min-max scaled)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with path.open("wb") as f:  # an epath: local or object store
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    workdir_lib.write_png(path, fig)
 
 
 # ---------------------------------------------------------------- benchmark
 
 
 def describe_encoder(config) -> str:
-    """Where a world model's frozen encoder comes from, in words."""
+    """Where a world model's encoder comes from, in words."""
+    if config.world_model.train_encoder:
+        start = "random init" if config.encoder_weights == "random" else f"the EMA encoder of {config.encoder_from}"
+        return f"encoder trained with the predictor (from {start})"
     if config.encoder_weights == "random":
         return "random-init encoder (untrained)"
     return f"EMA encoder of {config.encoder_from or 'its own run'}"
@@ -354,11 +450,12 @@ def describe_encoder(config) -> str:
 
 def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[str] = PLAN_DOMAINS,
               episodes: int = 50, first_seed: int = 1000, output: str = "", config=None, oracle: bool = True,
-              progress: bool = True) -> dict:
+              progress: bool = True, fidelity_episodes: int = 10) -> dict:
     """On the same seeded episodes of each domain: CEM with the world model (and the baseline world model),
     uniformly random actions, and the oracle (CEM with the true simulator, same budget and horizon); energy
     landscapes. config: the world model run's config with changes (plan settings, data; default: the run's own),
-    used for every method. `progress`: bars and a line per episode."""
+    used for every method. `progress`: bars and a line per episode. fidelity_episodes: the seeds
+    energy_fidelity scores per domain and model."""
     from jepa import surprise as surprise_lib
     from jepa.envs import make_env
     models = {"world model": WorldModel.load(workdir)}
@@ -367,10 +464,10 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
     if baseline_workdir:
         baseline = WorldModel.load(baseline_workdir)
         name = "random-encoder world model"
-        if baseline.config.encoder_weights != "random":
+        if baseline.config.encoder_weights != "random" or baseline.config.world_model.train_encoder:
             name = "baseline world model"
-            log.warning("--baseline_workdir=%s: its encoder is not random (config.encoder_weights=%r); reported "
-                        "as '%s'", baseline_workdir, baseline.config.encoder_weights, name)
+            log.warning("--baseline_workdir=%s: its encoder is not random (%s); reported as '%s'", baseline_workdir,
+                        describe_encoder(baseline.config), name)
         models[name] = baseline
         log.info("%s %s: step %d, %s", name, baseline_workdir, baseline.step, describe_encoder(baseline.config))
     config = config if config is not None else models["world model"].config
@@ -402,12 +499,15 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
         try:
             lands = {name: [energy_landscape(m, env, s, settings=settings) for s in seeds]
                      for name, m in models.items()}
+            fidelity = {name: energy_fidelity(m, env, seeds[:fidelity_episodes], int(p.goal_steps),
+                                              settings=settings) for name, m in models.items()}
         finally:
             env.close()
         for name, per_seed in lands.items():  # how far the energy minimum lies from the true action, on average
             per[f"CEM, {name}"]["landscape_error"] = float(np.mean([
                 np.abs(np.asarray(land["offsets"])[d, np.argmin(np.asarray(land["energy"])[d])])
                 for land in per_seed for d in range(len(land["energy"]))]))
+            per[f"CEM, {name}"]["energy_fidelity"] = fidelity[name]
         landscapes[domain] = {name: per_seed[0] for name, per_seed in lands.items()}
     results["energy_landscape"] = landscapes
     if output:
@@ -421,14 +521,17 @@ def benchmark(workdir: str, baseline_workdir: str | None, *, domains: Sequence[s
 
 def _table_rows(results: dict) -> list[tuple[str, ...]]:
     rows = [("domain", "method", "reached [95% CI]", "final [95% CI]", "final dist (m)", "closest (m)",
-             "initial dist (m)", "plan s/action", "flagged / re-plans", "landscape err")]
+             "initial dist (m)", "plan s/action", "flagged / re-plans", "landscape err",
+             "energy-distance corr: predicted / true frames / pixels")]
     rate = lambda m, k: f"{m[k]:.2f} [{m[k + '_ci95'][0]:.2f}, {m[k + '_ci95'][1]:.2f}]"
     for domain, r in results["domains"].items():
         for method, m in r["methods"].items():
             rows.append((domain, method, rate(m, "reached_rate"), rate(m, "success_rate"),
                          f"{m['final_distance']:.3f}", f"{m['min_distance']:.3f}", f"{m['initial_distance']:.3f}",
                          _seconds(m["plan_seconds_per_action"]), f"{m['flagged_steps']} / {m['replans']}",
-                         f"{m['landscape_error']:.3f}" if "landscape_error" in m else "-"))
+                         f"{m['landscape_error']:.3f}" if "landscape_error" in m else "-",
+                         " / ".join(f"{m['energy_fidelity'][k]:.2f}" for k in ("predicted", "true_frames", "pixels"))
+                         if "energy_fidelity" in m else "-"))
     return rows
 
 
@@ -480,6 +583,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                    "with the true simulator (oracle)")
         monitor_flag = flags.DEFINE_boolean("monitor", False, "calibrate and apply the surprise monitor (the "
                                             "benchmark always does)")
+        guard_flag = flags.DEFINE_boolean("guard", False, "calibrate and apply the gate and consequence checks "
+                                          "(jepa/guard.py); decisions go to guard_DOMAIN_POLICY.jsonl in --output")
+        ensemble = flags.DEFINE_list("ensemble", [], "--guard: more world-model runs on the same frozen encoder "
+                                     "(other seeds) for the disagreement signal")
         output = flags.DEFINE_string("output", "", "write results (and the benchmark's plot) here")
         bench = cli.parse(argv, commands=("benchmark",), required=("workdir",)) == "benchmark"
         for d in [*domains.value, domain.value]:
@@ -503,8 +610,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         seeds = episode_seeds(domain.value, episodes.value, int(config.plan.goal_steps), int(config.data.resolution),
                               first=first_seed.value)
         names = {"cem": "CEM, world model", "random": "random actions", "oracle": "oracle (CEM, true simulator)"}
+        from jepa import constraints as constraints_lib  # plan.constraints: checked by the run's saved readout
+        rules = constraints_lib.from_config(workdir.value, model, config, domain.value, policy.value)
+        gate = None
+        if guard_flag.value:
+            from jepa import guard as guard_lib
+            gate = guard_lib.build(model, workdir.value, ensemble.value, domain.value, config,
+                                   first_seed=first_seed.value, progress=True)
         result = evaluate(model, domain.value, seeds, policy.value, config, monitor, name=names[policy.value],
-                          progress=True)
+                          progress=True, constraints=rules, guard=gate)
+        decisions = result.pop("decisions", None)
+        if decisions is not None:
+            for r in decisions:
+                if r["decision"] != "act":
+                    print(f"  seed {r['seed']}, block {r['block']}: {r['decision']} ({r['reason']})")
         if monitor is not None:  # the episodes' outcomes and flags, then the averages as before
             print(f"{domain.value}, {policy.value} with the surprise monitor (threshold {monitor.threshold:.4f}):")
             for e in result["episodes"]:
@@ -512,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(json.dumps({k: v for k, v in result.items() if k != "episodes"}))
         if output.value:
             workdir_lib.write_json(workdir_lib.path(output.value) / f"plan_{domain.value}_{policy.value}.json", result)
+            if decisions is not None:
+                from jepa.guard import write_jsonl
+                write_jsonl(workdir_lib.path(output.value) / f"guard_{domain.value}_{policy.value}.jsonl", decisions)
     return result
 
 

@@ -15,10 +15,13 @@ tubelet). Regression targets are normalised per domain and dimension with the tr
 padding dimensions and constant ones are masked out. R^2 is 1 - SSE / SST summed over (domain, dimension) pairs
 against the test set's own within-domain mean, separately for positions and velocities.
 
-The attentive probe follows V-JEPA 2: `depth` pre-LN self-attention blocks over the patch tokens, one
-cross-attention block with a learned query per output head, then a linear layer; it adds learned token-position
-embeddings (see ProbeModel). All grid members start from the same initialisation and see the same minibatches; only
-their learning rate and weight decay differ (jax.vmap).
+The attentive probe: one cross-attention block with a learned query per output head, then a linear layer, after
+`depth` pre-LN self-attention blocks over the patch tokens (default 0, V-JEPA's attentive pooler; V-JEPA 2's has 3
+blocks before it, --depth=3); it adds learned token-position embeddings (see ProbeModel). All grid members start
+from the same initialisation and see the same minibatches; only their learning rate and weight decay differ. With
+depth 0 the grid reads one shared copy of each batch (apply_grid): the 20-member default grid on 1232 windows of
+256 x 192 tokens trains in about a minute of CPU time; every self-attention block costs each member a full pass
+over the token map, about 50 times more.
 """
 
 from __future__ import annotations
@@ -174,6 +177,8 @@ def make_task(feats, kind: str, target: str, probe: str, stats: dict | None = No
         keep = y >= 0
         if not keep.any():
             raise ValueError(f"--target={target}: no row has a label (all -1)")
+        if keep.all():  # no copy of a large patch array when every row has a label
+            return Task(x=x, y=y, mask=None, groups=groups, domain=domain, part=None)
         return Task(x=x[keep], y=y[keep], mask=None, groups=groups[keep], domain=domain[keep], part=None)
     if kind != "regression":
         raise ValueError(f"--task: {kind!r} is not one of classification, regression")
@@ -259,7 +264,7 @@ class ProbeModel:
     width: int
     out: int
     tokens: int = 0      # attentive: number of patch tokens (> 0: learned position embeddings)
-    depth: int = 1       # attentive: self-attention blocks before the cross-attention pooling
+    depth: int = 0       # attentive: self-attention blocks before the cross-attention pooling
     heads: int = 0       # 0 = default_heads(width)
     num_queries: int = 1  # one learned query (and one linear head of size out/num_queries) per output head
     mlp_ratio: float = 4.0
@@ -313,13 +318,108 @@ def _decay_mask(params) -> Any:
 
 # ---------------------------------------------------------------- the grid: one jitted program
 
+ACTIVATION_BUDGET = 1 << 30  # bytes of activations one jitted step or prediction may hold for its grid members
 
-def _loss(model: ProbeModel, kind: str, params, x, y, mask):
-    out = model.apply(params, x)
+
+def _pool_grid(model: ProbeModel, params: dict, x: jax.Array) -> jax.Array:
+    """[G, B, out] outputs of depth-0 attentive probes (params stacked over G grid members) on one shared input
+    x [B, L, D], exactly ProbeModel.apply per member, without a per-member copy of the token map.
+
+    Why: the keys and values of a member's cross-attention are LN(x + pos) W, an [L, D] x [D, 2D] product per row
+    and member, and LN(x + pos) itself is a [G, B, L, D] array. With one query per head neither is needed: a head's
+    score is (x'_t + p'_t) . u / sigma_t with u = ln1.scale * (W_k q) and x', p' the token-centred input and
+    position embedding (biases and the LN shift add the same to every token's score, which softmax ignores); its
+    output is (ln1.scale * sum_t a_t (x'_t + p'_t) / sigma_t + ln1.bias) W_v + b_v since the weights sum to 1; and
+    sigma_t^2 = (|x'_t|^2 + 2 x'_t . p'_t + |p'_t|^2) / D + eps. Every product is with the shared x' (one
+    [B L, D] x [D, G heads] matmul and its transpose), about D / heads times fewer FLOPs per member."""
+    c = params["cross"]
+    g, nq, d = c["query"].shape
+    heads = model.heads or default_heads(d)
+    hd = d // heads
+    attn = c["attn"]
+    qp = (jnp.einsum("gqd,gde->gqe", c["query"], attn["q"]["kernel"]) + attn["q"]["bias"][:, None])
+    qp = qp.reshape(g, nq, heads, hd) / math.sqrt(hd)
+    w_k = attn["kv"]["kernel"][:, :, :d].reshape(g, d, heads, hd)
+    u = jnp.einsum("gdhe,gqhe->gqhd", w_k, qp).reshape(g, nq * heads, d) * c["ln1"]["scale"][:, None]
+    xc = x - jnp.mean(x, -1, keepdims=True)                                           # [B, L, D], shared
+    var = jnp.sum(jnp.square(xc), -1)[None] / d                                        # [1|G, B, L]
+    scores = jnp.einsum("bld,gkd->gblk", xc, u)
+    pos = params.get("pos")
+    if pos is not None:
+        pc = pos - jnp.mean(pos, -1, keepdims=True)                                    # [G, L, D]
+        var = var + (2 * jnp.einsum("bld,gld->gbl", xc, pc) + jnp.sum(jnp.square(pc), -1)[:, None]) / d
+        scores = scores + jnp.einsum("gld,gkd->glk", pc, u)[:, None]
+    inv = jax.lax.rsqrt(var + layers_lib.LN_EPS)[..., None]                            # [G|1, B, L, 1]
+    weights = jax.nn.softmax(scores * inv, axis=2) * inv                               # [G, B, L, heads]
+    pooled = jnp.einsum("gblk,bld->gbkd", weights, xc)
+    if pos is not None:
+        pooled = pooled + jnp.einsum("gblk,gld->gbkd", weights, pc)
+    pooled = pooled * c["ln1"]["scale"][:, None, None] + c["ln1"]["bias"][:, None, None]  # sum_t a_t LN(x_t + p_t)
+    w_v = attn["kv"]["kernel"][:, :, d:].reshape(g, d, heads, hd)
+    b_v = attn["kv"]["bias"][:, d:].reshape(g, 1, 1, heads, hd)
+    o = jnp.einsum("gbqhd,gdhe->gbqhe", pooled.reshape(g, -1, nq, heads, d), w_v) + b_v
+    o = jnp.einsum("gbqd,gde->gbqe", o.reshape(*o.shape[:3], d), attn["proj"]["kernel"]) + attn["proj"]["bias"][
+        :, None, None]
+
+    def tail(p, q):  # the block's MLP and the heads, per member on [B, Q, D]
+        q = q + _mlp(_ln(q, p["cross"]["ln2"]), p["cross"]["mlp"])
+        out = jnp.einsum("bqd,qdo->bqo", q, p["head"]["kernel"]) + p["head"]["bias"]
+        return out.reshape(q.shape[0], model.out)
+
+    return jax.vmap(tail)(params, c["query"][:, None] + o)
+
+
+def shares_input(model: ProbeModel) -> bool:
+    """Whether the grid's members read one shared copy of the input (_pool_grid) rather than one each (vmap)."""
+    return model.kind == "linear" or (model.kind == "attentive" and model.depth == 0)
+
+
+def apply_grid(model: ProbeModel, params: dict, x: jax.Array) -> jax.Array:
+    """[G, B, out] outputs of the grid members (params stacked over G) on one batch x."""
+    if model.kind == "attentive" and model.depth == 0:
+        return _pool_grid(model, params, x)
+    return jax.vmap(model.apply, in_axes=(0, None))(params, x)
+
+
+def activation_bytes(model: ProbeModel, rows: int, length: int) -> int:
+    """Rough bytes of float32 activations (training: forward and backward) of ONE grid member on `rows` inputs
+    of `length` tokens; sizes the groups of members and rows evaluated at once."""
+    if model.kind == "linear":
+        return 4 * rows * (model.width + model.out) * 4
+    heads, q = model.heads or default_heads(model.width), model.num_queries
+    per_row = 4 * q * heads * length + 4 * model.width * q * int(4 + model.mlp_ratio)
+    if model.depth or not shares_input(model):  # self-attention blocks and vmap-ed members see the whole map
+        per_row += model.depth * (3 * heads * length ** 2 + int(12 + 3 * model.mlp_ratio) * length * model.width)
+        per_row += 6 * length * model.width
+    return 4 * rows * per_row
+
+
+def members_per_group(model: ProbeModel, grid: int, rows: int, length: int,
+                      budget: int = ACTIVATION_BUDGET) -> int:
+    """The most grid members (a divisor of `grid`) whose activations on `rows` inputs fit in `budget`."""
+    fit = max(1, budget // max(1, activation_bytes(model, rows, length)))
+    return max(k for k in range(1, grid + 1) if grid % k == 0 and k <= fit)
+
+
+def _by_group(fn, group: int, *stacked):
+    """fn over the grid in groups of `group` members (leading axis of every leaf), one group after another, so
+    that only one group's activations are live; fn(*stacked) at once when one group holds the whole grid."""
+    grid = jax.tree.leaves(stacked)[0].shape[0]
+    if group >= grid:
+        return fn(*stacked)
+    split = jax.tree.map(lambda a: a.reshape(grid // group, group, *a.shape[1:]), stacked)
+    out = jax.lax.map(lambda args: fn(*args), split)
+    return jax.tree.map(lambda a: a.reshape(grid, *a.shape[2:]), out)
+
+
+def grid_loss(model: ProbeModel, kind: str, params, x, y, mask) -> jax.Array:
+    """[G] training losses of the grid members (params stacked over G) on one batch."""
+    out = apply_grid(model, params, x)
     if kind == "classification":
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, y))
-    err = jnp.square(out - y) * mask
-    return jnp.sum(err) / jnp.maximum(jnp.sum(mask), 1.0)
+        labels = jnp.broadcast_to(y, out.shape[:2])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, labels), axis=1)
+    err = jnp.square(out - y[None]) * mask[None]
+    return jnp.sum(err, axis=(1, 2)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> np.ndarray:
@@ -334,25 +434,29 @@ def batch_schedule(n: int, batch_size: int, epochs: int, seed: int) -> np.ndarra
 
 def train_grid(model: ProbeModel, kind: str, x, y, mask, lrs: Sequence[float], wds: Sequence[float], *,
                epochs: int = 20, batch_size: int = 64, warmup: float = 0.1, seed: int = 0, progress: bool = False):
-    """Trains len(lrs) x len(wds) probes together in one jitted program per epoch (vmap over the grid, scan over
-    the epoch's steps); `progress` shows a bar over the epochs.
+    """Trains len(lrs) x len(wds) probes together in one jitted program per epoch (scan over the epoch's steps);
+    `progress` shows a bar over the epochs.
 
-    AdamW (decoupled weight decay on kernels), linear warm-up then cosine decay. Returns (stacked params
-    [G, ...], the grid as a list of (lr, wd), final minibatch losses [G])."""
+    Members whose input is shared (linear, depth-0 attentive: apply_grid) are trained at once; probes with
+    self-attention blocks see the token map once per member, so their members go in groups small enough for
+    ACTIVATION_BUDGET. AdamW (decoupled weight decay on kernels), linear warm-up then cosine decay. Returns
+    (stacked params [G, ...], the grid as a list of (lr, wd), final minibatch losses [G])."""
     from tqdm.auto import tqdm
 
     grid = [(float(lr), float(wd)) for lr in lrs for wd in wds]
     if not grid:
         raise ValueError("--lrs / --wds: the grid is empty")
-    schedule = jnp.asarray(batch_schedule(len(x), batch_size, epochs, seed))
+    schedule = batch_schedule(len(x), batch_size, epochs, seed)
     steps = int(schedule.shape[0])
     warm = max(1, int(warmup * steps))
     adam = optax.scale_by_adam()
     init = model.init(jax.random.PRNGKey(seed))
     decay = _decay_mask(init)
+    length = int(x.shape[1]) if np.ndim(x) == 3 else 1
+    group = members_per_group(model, len(grid), schedule.shape[1], length)
     g_lr = jnp.asarray([g[0] for g in grid], jnp.float32)
     g_wd = jnp.asarray([g[1] for g in grid], jnp.float32)
-    mask = jnp.ones((len(x), 1), jnp.float32) if mask is None else jnp.asarray(mask)
+    mask = jnp.ones((len(x), 1), jnp.float32) if mask is None else jnp.asarray(mask, jnp.float32)
 
     def start():
         params = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(grid), *p.shape)), init)
@@ -360,40 +464,65 @@ def train_grid(model: ProbeModel, kind: str, x, y, mask, lrs: Sequence[float], w
 
     def epoch(params, opt, x, y, mask, g_lr, g_wd, step_ids, schedule):
         def step(carry, inputs):
-            params, opt = carry
             i, rows = inputs
             xb, yb, mb = x[rows], y[rows], mask[rows]
             frac = jnp.where(i < warm, (i + 1) / warm,
                              0.5 * (1 + jnp.cos(jnp.pi * (i - warm) / jnp.maximum(steps - warm, 1))))
 
-            def one(p, o, lr, wd):
-                loss, g = jax.value_and_grad(lambda p: _loss(model, kind, p, xb, yb, mb))(p)
-                u, o = adam.update(g, o, p)
-                p = jax.tree.map(lambda p_, u_, d: p_ - lr * frac * (u_ + jnp.where(d, wd, 0.0) * p_), p, u, decay)
-                return p, o, loss
+            def update(p, o, lr, wd):  # one group of members: [k, ...] leaves
+                def total(p):
+                    losses = grid_loss(model, kind, p, xb, yb, mb)
+                    return jnp.sum(losses), losses
+                (_, losses), g = jax.value_and_grad(total, has_aux=True)(p)
+                u, o = jax.vmap(adam.update)(g, o, p)
+                scale = lambda v, a: v.reshape(-1, *([1] * (a.ndim - 1)))
+                p = jax.tree.map(lambda p_, u_, d: p_ - scale(lr * frac, p_) * (u_ + scale(jnp.where(d, wd, 0.0),
+                                                                                           p_) * p_), p, u, decay)
+                return p, o, losses
 
-            params, opt, loss = jax.vmap(one)(params, opt, g_lr, g_wd)
+            params, opt, loss = _by_group(update, group, *carry, g_lr, g_wd)
             return (params, opt), loss
 
         (params, opt), losses = jax.lax.scan(step, (params, opt), (step_ids, schedule))
         return params, opt, losses[-1]
 
     params, opt = jax.jit(start)()
-    epoch = jax.jit(epoch)
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    epoch = jax.jit(epoch, donate_argnums=(0, 1))
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+    schedule = jnp.asarray(schedule)
     per_epoch = steps // epochs
+    (log.info if progress else log.debug)(
+        "%s probe: %d lr x wd members (%s), %d rows of %s, %d epochs x %d steps", model.kind, len(grid),
+        "one shared input" if group == len(grid) and shares_input(model) else f"in groups of {group}", len(x),
+        " x ".join(map(str, x.shape[1:])), epochs, per_epoch)
     last = None
-    for e in tqdm(range(epochs), desc=f"{model.kind} probe, {len(grid)} lr x wd", unit="epoch", file=sys.stderr,
-                  disable=not progress):
+    bar = tqdm(range(epochs), desc=f"{model.kind} probe, {len(grid)} lr x wd", unit="epoch", file=sys.stderr,
+               disable=not progress)
+    for e in bar:
         ids = slice(e * per_epoch, (e + 1) * per_epoch)
         params, opt, last = epoch(params, opt, x, y, mask, g_lr, g_wd, jnp.arange(steps)[ids], schedule[ids])
-    return params, grid, np.asarray(last)
+        last = np.asarray(last)  # waits for the epoch, so that the bar's rate and ETA are real
+        bar.set_postfix(loss=f"{np.nanmin(last):.3g}")
+    return params, grid, last
 
 
-def predict_grid(model: ProbeModel, params, x, chunk: int = 256) -> np.ndarray:
-    """[G, N, out] outputs of every grid member (jitted, in chunks of rows)."""
-    fn = jax.jit(jax.vmap(model.apply, in_axes=(0, None)))
-    outs = [np.asarray(fn(params, jnp.asarray(x[i:i + chunk]))) for i in range(0, len(x), chunk)]
+def predict_grid(model: ProbeModel, params, x, chunk: int = 0) -> np.ndarray:
+    """[G, N, out] outputs of every grid member (jitted, in chunks of `chunk` rows; 0 = as many as fit in
+    ACTIVATION_BUDGET, the last chunk padded so that one program serves every chunk)."""
+    grid = jax.tree.leaves(params)[0].shape[0]
+    length = int(x.shape[1]) if np.ndim(x) == 3 else 1
+    if not chunk:  # forward only: about a third of activation_bytes' training figure
+        per_row = max(1, activation_bytes(model, 1, length) // 3)
+        chunk = int(min(len(x), max(1, ACTIVATION_BUDGET // (grid * per_row))))
+    group = members_per_group(model, grid, chunk, length, budget=3 * ACTIVATION_BUDGET)
+    fn = jax.jit(lambda p, xb: _by_group(lambda q: apply_grid(model, q, xb), group, p))
+    outs = []
+    for i in range(0, len(x), chunk):
+        xb = np.asarray(x[i:i + chunk], np.float32)
+        n = len(xb)
+        if n < chunk:
+            xb = np.concatenate([xb, np.zeros((chunk - n, *xb.shape[1:]), np.float32)])
+        outs.append(np.asarray(fn(params, jnp.asarray(xb)))[:, :n])
     return np.concatenate(outs, axis=1)
 
 
@@ -468,7 +597,7 @@ def regression_metrics(pred: np.ndarray, task: Task) -> dict[str, np.ndarray]:
 
 def run_probe(train, val, test, *, task: str, target: str = "label", probe: str = "linear",
               lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS, epochs: int = 20,
-              batch_size: int = 64, depth: int = 1, heads: int = 0, seed: int = 0,
+              batch_size: int = 64, depth: int = 0, heads: int = 0, seed: int = 0,
               alphas: Sequence[float] = RIDGE_ALPHAS, progress: bool = False) -> dict:
     """Fit the grid on `train` features, choose on `val`, report on `test` (Features from jepa.export).
     linear / attentive: an lr x wd grid trained with AdamW (`progress`: a bar over the epochs); ridge: closed
@@ -514,7 +643,7 @@ def run_probe(train, val, test, *, task: str, target: str = "label", probe: str 
 
 def benchmark(workdir: str, *, step: int | None = None, num_segments: int = 8, batch_size: int = 32,
               probes: Sequence[str] = ("linear", "ridge"), targets: Sequence[str] = ("keypoints[-1]",),
-              epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, config=None, depth: int = 1,
+              epochs: int = 30, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, config=None, depth: int = 0,
               episodes: int = BENCHMARK_EPISODES, layers: Sequence[int] | None = None,
               progress: bool = True) -> dict:
     """Domain accuracy and per-domain physical-state R^2 (default: image keypoints and their velocity at the
@@ -652,7 +781,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("wds", ",".join(map(str, DEFAULT_WDS)), "weight decays of the grid, a comma list")
     flags.DEFINE_integer("epochs", 20, "training epochs of linear and attentive probes", lower_bound=1)
     flags.DEFINE_integer("batch_size", 64, "probe training batch", lower_bound=1)
-    flags.DEFINE_integer("depth", 1, "attentive probe: self-attention blocks", lower_bound=0)
+    flags.DEFINE_integer("depth", 0, "attentive probe: self-attention blocks before the cross-attention pooling "
+                         "(each makes the grid ~50x slower)", lower_bound=0)
     flags.DEFINE_integer("heads", 0, "attentive probe: attention heads (0 = auto)", lower_bound=0)
     flags.DEFINE_integer("num_segments", 8, "benchmark: windows per episode", lower_bound=1)
     flags.DEFINE_string("layers", "", "benchmark: encoder blocks to probe, a comma list (default: the last)")

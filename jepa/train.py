@@ -129,6 +129,9 @@ def build_run(config, mesh) -> Run:
         return loss, jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in objective.data_keys()}
+    # Traced under the mesh: the models pin their activations' batch dimension to data x fsdp (FSDP gathers
+    # weights rather than all-reducing activations; see jepa.sharding.constrain_activations).
+    train_step, check_state = sharding.traced_under(mesh, train_step), sharding.traced_under(mesh, check_state)
     return Run(
         grid=grid, objective=objective, abstract_state=abstract_state, state_shardings=state_shardings,
         init_state=jax.jit(init_state, out_shardings=state_shardings),
@@ -152,14 +155,22 @@ def adopt_encoder_config(config) -> None:
 
 
 def load_frozen_encoder(config, state, mesh):
-    """Puts the pretraining run's EMA encoder (config.encoder_from) into the state's target slot, unless
-    config.encoder_weights is "random" (the baseline world model on an untrained encoder)."""
+    """Puts the pretraining run's EMA encoder (config.encoder_from) into the state's target slot, and into
+    params["encoder"] when world_model.train_encoder trains it, unless config.encoder_weights is "random" (the
+    baseline world model on an untrained encoder)."""
     if not config.encoder_from or config.encoder_weights == "random":
         return state
     from jepa import runs
     encoder, step = runs.load_encoder(config.encoder_from, config, weights="ema", mesh=mesh)
-    logging.info("frozen encoder: EMA weights of %s at step %d", config.encoder_from, step)
-    return {**state, "ema": jax.device_put(encoder, jax.tree.map(lambda x: x.sharding, state["ema"]))}
+    trained = config.objective == "ac" and config.world_model.train_encoder
+    logging.info("%s encoder: EMA weights of %s at step %d", "trained" if trained else "frozen", config.encoder_from,
+                 step)
+    # may_alias=False: two slots of the (donated) state must never share a buffer.
+    put = lambda slot: jax.device_put(encoder, jax.tree.map(lambda x: x.sharding, slot), may_alias=False)
+    state = {**state, "ema": put(state["ema"])}
+    if trained:
+        state["params"] = {**state["params"], "encoder": put(state["params"]["encoder"])}
+    return state
 
 
 def fresh_state(config, run: Run, mesh):

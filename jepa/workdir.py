@@ -63,6 +63,19 @@ def write_json(p: str | os.PathLike, obj, indent: int = 1) -> epath.Path:
     return target
 
 
+def write_png(p: str | os.PathLike, fig) -> epath.Path:
+    """A matplotlib figure as a PNG result file (closed afterwards), its folder created first; local or on an
+    object store."""
+    import matplotlib.pyplot as plt
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    with target.open("wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return target
+
+
 def _process_start_time(pid: int) -> str | None:
     """The kernel's start time of a process (jiffies since boot), to tell a live pid from a reused one."""
     try:

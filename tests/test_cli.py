@@ -17,8 +17,10 @@ import pytest
 from conftest import REPO, load_config
 
 from jepa import cli
+from jepa import constraints as constraints_lib
 from jepa import convert as convert_lib
 from jepa import export as export_lib
+from jepa import guard as guard_lib
 from jepa import plan as plan_lib
 from jepa import probe as probe_lib
 from jepa import surprise as surprise_lib
@@ -29,7 +31,8 @@ from jepa.data import prepare
 CONSOLE_SCRIPTS = {"jepa-train": "jepa.train:run", "jepa-export": "jepa.export:run", "jepa-probe": "jepa.probe:run",
                    "jepa-plan": "jepa.plan:run", "jepa-surprise": "jepa.surprise:run",
                    "jepa-prepare": "jepa.data.prepare:run", "jepa-data-bench": "jepa.data.bench:run_cli",
-                   "jepa-convert": "jepa.convert:run"}
+                   "jepa-convert": "jepa.convert:run", "jepa-constraints": "jepa.constraints:run",
+                   "jepa-guard": "jepa.guard:run"}
 
 
 def _script(folder: str, name: str):
@@ -60,6 +63,9 @@ ENTRY_POINTS = {  # name -> (main, argv prefix, flags its --helpfull must list)
     "jepa.plan": (plan_lib.main, [], ["--domain", "--monitor", "--config"]),
     "jepa.plan benchmark": (plan_lib.main, ["benchmark"], ["--baseline_workdir", "--domains"]),
     "jepa.surprise benchmark": (surprise_lib.main, ["benchmark"], ["--video_workdir", "--kinds", "--config"]),
+    "jepa.constraints fit": (constraints_lib.main, ["fit"], ["--max_rows", "--config"]),
+    "jepa.constraints benchmark": (constraints_lib.main, ["benchmark"], ["--oracle_planner", "--episodes"]),
+    "jepa.guard benchmark": (guard_lib.main, ["benchmark"], ["--ensemble", "--faults", "--config"]),
     "jepa.data.prepare": (prepare.main, [], ["--data_dir", "--src", "--preset"]),
     "jepa.convert": (convert_lib.main, [], ["--source", "--workdir", "--encoder_only"]),
     "jepa.convert export": (convert_lib.main, ["export"], ["--format", "--output"]),
@@ -78,6 +84,8 @@ ENTRY_POINTS = {  # name -> (main, argv prefix, flags its --helpfull must list)
                                   ["--episodes", "--workdir"]),
     "benchmarks/convert_bench.py": (lambda argv: _script("benchmarks", "convert_bench").main(argv), [],
                                     ["--size", "--meta"]),
+    "benchmarks/plan_bench.py": (lambda argv: _script("benchmarks", "plan_bench").main(argv), [],
+                                 ["--reps", "--config"]),
 }
 
 

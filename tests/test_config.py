@@ -15,8 +15,11 @@ def test_world_model_planning_and_model_fields_are_base_config_fields():
     assert set(c.model.ac_predictor) == {"width", "depth", "heads", "mlp_dim"}
     assert c.model.predictor.mlp_dim == 0 and c.model.scan is True and c.model.attention == "einsum"
     assert set(c.plan) == {"horizon", "samples", "elites", "iterations", "momentum", "init_std", "min_std",
-                           "energy_steps", "energy_norm", "optimizer", "temperature", "execute_steps",
-                           "context_frames", "episode_steps", "goal_steps", "surprise_quantile"}
+                           "energy_steps", "energy_norm", "optimizer", "temperature", "block_actions", "execute_steps",
+                           "context_frames", "episode_steps", "goal_steps", "surprise_quantile",
+                           "constraints", "constraint_mode", "constraint_weight", "guard_coverage",
+                           "guard_hold_limit", "guard_surprise_window", "guard_fault_quantile", "guard_fault_blocks",
+                           "guard_calibration_episodes"}
     assert c.plan.context_frames == 0 and c.plan.surprise_quantile == 0.99
 
 

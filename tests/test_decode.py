@@ -320,3 +320,95 @@ def test_sampling_and_fps_argument_errors():
     assert D.frame_step_for_fps(60, 8) == 8 and D.frame_step_for_fps(0.0, 4) == 1
     with pytest.raises(ValueError, match="target_fps"):
         D.frame_step_for_fps(30, 0)
+
+
+# ---------------------------------------------------------------- window decoding equals a full decode
+
+@pytest.fixture(scope="module")
+def b_frame_video(tmp_path_factory):
+    """120 frames of H.264 with x264's B-frames (some referenced, some not) and a keyframe every 30 frames."""
+    path = media.write_video(tmp_path_factory.mktemp("bframes") / "b.mp4", media.index_frames(120, 48, 64),
+                             codec="h264", gop=30)
+    return path
+
+
+@pytest.mark.parametrize("step", [1, 3, 8])
+def test_window_decode_equals_full_decode(b_frame_video, step):
+    """Seeking to the keyframe before the window and not decoding unwanted unreferenced pictures returns the very
+    pixels of a decode from the start that decodes every picture, single- and frame-threaded."""
+    rng = np.random.default_rng(step)
+    fast_frames = full_frames = 0
+    for _ in range(4):
+        idx = D.sample_frame_indices(120, 8, step, rng)
+        fast, full = {}, {}
+        clip = D.decode_frames(b_frame_video, idx, threads=1, stats=fast)
+        reference = D.decode_frames(b_frame_video, idx, threads=1, skip_unwanted=False, seek=False, stats=full)
+        np.testing.assert_array_equal(clip, reference)
+        np.testing.assert_array_equal(D.decode_frames(b_frame_video, idx, threads=3), reference)
+        np.testing.assert_array_equal(D.decode_frames(b_frame_video, idx, 24, threads=1),
+                                      D.decode_frames(b_frame_video, idx, 24, skip_unwanted=False, seek=False))
+        assert [media.read_index(f) for f in clip] == idx.tolist()
+        fast_frames += fast["frames_lead_in"] + fast["frames_window"]
+        full_frames += full["frames_lead_in"] + full["frames_window"]
+        assert full["frames_window"] == idx[-1] - idx[0] + 1 and full["frames_lead_in"] == idx[0]
+    assert fast_frames < full_frames   # the levers decode fewer pictures, else this test proves nothing
+
+
+@pytest.mark.parametrize("missing", [6, 10, 18])
+def test_missing_frame_stands_in_as_in_a_full_decode(tmp_path, missing):
+    """A constant-rate stream missing one frame: the wanted index shows the frame before the gap, as decoding every
+    picture does, even when that frame is an unreferenced picture the fast path skipped (it then decodes again)."""
+    slots = np.delete(np.arange(201), missing)
+    path = media.write_video(tmp_path / "gap.mp4", media.index_frames(200, 48, 64), codec="h264", gop=40,
+                             times=slots / 25.0)
+    for idx in ([missing], [missing - 4, missing], [missing, missing + 10]):
+        clip = D.decode_frames(path, idx, threads=1)
+        np.testing.assert_array_equal(clip, D.decode_frames(path, idx, threads=1, skip_unwanted=False))
+        assert [media.read_index(f) for f in clip] == [i - (i >= missing) for i in idx]
+
+
+def test_default_threads(b_frame_video):
+    try:
+        D.set_default_threads(2)
+        assert D._default_threads == 2
+        np.testing.assert_array_equal(D.decode_frames(b_frame_video, [5, 40]),
+                                      D.decode_frames(b_frame_video, [5, 40], threads=1))
+    finally:
+        D.set_default_threads(0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            D.set_default_threads(bad)
+    with pytest.raises(ValueError, match="threads"):
+        D.decode_frames(b_frame_video, [1], threads=-2)
+
+
+def test_per_core_bench_on_tiny_videos(tmp_path):
+    """`python -m jepa.data.bench --per_core --levers` end to end on 1 s videos (written once, then reused)."""
+    from jepa import cli
+    from jepa.data import bench
+    argv = ["--per_core", "--levers", "--rate_sizes=64x48", "--rate_gops=8", "--rate_seconds=1", "--rate_clips=2",
+            "--workers=1", f"--rate_dir={tmp_path}"]
+    out = bench.main(argv)["64x48_gop8"]
+    assert out["clips_per_cpu_s"] > 0 and out["cores"] == pytest.approx(77.0 / out["clips_per_cpu_s"])
+    assert out["workers_clips_per_s"] > 0 and len(out["levers"]) == len(bench.LEVERS)
+    assert out["frame_step"] == 8 and out["frames_window"] > 0
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 and all(f.suffix == ".mp4" for f in files)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    bench.main(argv[:1] + argv[2:-2] + ["--workers=0", argv[-1]])
+    assert [f.stat().st_mtime_ns for f in sorted(tmp_path.iterdir())] == mtimes
+    with pytest.raises(cli.UsageError, match="rate_sizes"):
+        bench.main(["--per_core", "--rate_sizes=63x48", f"--rate_dir={tmp_path}"])
+
+
+def test_pipeline_workers_decode_with_their_share_of_the_cores(b_frame_video):
+    from jepa.data import pipeline
+    cores = len(os.sched_getaffinity(0))
+    assert pipeline._decode_threads(1) == cores and pipeline._decode_threads(10 * cores) == 1
+    init = pipeline._WorkerInit(pipeline._decode_threads(2))
+    try:
+        init(0, 2)   # what each Grain worker runs first (outside a worker it only sets the thread count)
+        assert D._default_threads == max(1, cores // 2)
+        assert D.decode_frames(b_frame_video, [3]).shape == (1, 48, 64, 3)
+    finally:
+        D.set_default_threads(0)

@@ -715,3 +715,76 @@ def test_step_bench_op_table_reads_a_real_trace(tmp_path, capsys):
     bench.print_op_table(str(tmp_path))
     out = capsys.readouterr().out
     assert "all ops of" in out and "top kinds:" in out and "fusion" in out
+
+
+# ------------------------------------------------------------------ residual stream dtype
+
+
+def _scan_carry_dtypes(fn, *args) -> list[str]:
+    """dtypes of every lax.scan carry in fn's jaxpr (the blocks' residual stream), nested jaxprs included."""
+    found = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                found.extend(str(v.aval.dtype) for v in eqn.outvars[:eqn.params["num_carry"]])
+            for sub in jax.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_bfloat16_residual_stream_keeps_the_loss_and_float32_state():
+    """model.residual_dtype="compute" with bfloat16 compute: the blocks' residual stream is bfloat16 (scan carry,
+    block outputs, scanned or unrolled; "float32" keeps it float32), parameters and gradients stay float32, and
+    the V-JEPA loss and gradient stay close to the pinned float32 ones (test_vjepa_loss_matches_pinned_values)."""
+    from jepa.objectives.vjepa import VJEPA
+
+    c, grid, batch = pinned_loss_setup()
+    c.model.dtype = "bfloat16"
+    video = jax.ShapeDtypeStruct(batch["video"].shape, jnp.float32)
+    params, _ = VJEPA.from_config(c, grid).init(jax.random.PRNGKey(0), c)  # same shapes for every variant
+    for residual, stream in (("float32", jnp.float32), ("compute", jnp.bfloat16)):
+        c.model.residual_dtype = residual
+        config_lib.validate(c)
+        for scan in (True, False):  # shapes and dtypes only: traced, never run
+            c.model.scan = scan
+            encoder = nnx.merge(VJEPA.from_config(c, grid).encoder_def, nnx.State(params["encoder"]))
+            assert encoder.blocks.scan == scan and encoder.blocks.residual_dtype == stream
+            out, inner = jax.eval_shape(lambda v, e=encoder: e(v, return_layers=(0,)), video)
+            assert out.dtype == jnp.float32 and inner["blocks"][0].dtype == jnp.float32  # final norm: float32
+            tables = rope.rope_tables(grid, encoder.width // encoder.heads, "reference")
+            x = jax.ShapeDtypeStruct((1, int(np.prod(grid)), encoder.width), jnp.bfloat16)
+            assert jax.eval_shape(lambda x, e=encoder, t=tables: e.blocks(x, t, None), x).dtype == stream
+            if scan:
+                assert _scan_carry_dtypes(lambda v, e=encoder: e(v), video) == [jnp.dtype(stream).name]
+    c.model.scan = True  # residual_dtype="compute" from the loop
+    objective = VJEPA.from_config(c, grid)
+    ema = jax.tree.map(lambda x: x * 1.5, params["encoder"])
+    (loss, _), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(params, ema, batch)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    grad_norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))))
+    assert float(loss) == pytest.approx(PINNED["loss"], rel=2e-2)
+    assert float(loss) != pytest.approx(PINNED["loss"], rel=1e-6)  # bfloat16 really ran
+    assert grad_norm == pytest.approx(PINNED_GRAD_NORM, rel=5e-2)
+
+
+def test_layer_norm_statistics_are_float32_for_a_bfloat16_stream():
+    """A bfloat16 residual of 255s and 258s (both exact in bfloat16): its mean 256.5 is not, so statistics taken
+    in bfloat16 would centre it off zero; in float32 the output is exactly -1 / +1."""
+    x = jnp.asarray([[255.0, 258.0] * 32], jnp.bfloat16)
+    y = layers.layer_norm(x, jnp.ones(64), jnp.zeros(64), jnp.float32)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), np.asarray([[-1.0, 1.0] * 32]), atol=1e-5)
+
+
+def test_residual_dtype_is_validated():
+    c = config_lib.base_config()
+    c.model.residual_dtype = "float16"
+    with pytest.raises(config_lib.ConfigError, match="model.residual_dtype"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match="residual_dtype"):
+        models.residual_dtype(c.model)
+    with pytest.raises(ValueError, match="residual_dtype must be a float dtype"):
+        layers.Blocks(width=48, depth=1, heads=2, residual_dtype=jnp.int32, rngs=nnx.Rngs(0))

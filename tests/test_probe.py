@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -146,6 +147,93 @@ def test_attentive_probe_knows_where_a_token_is():
     te_task = probe_lib.make_task(te, "classification", "label", "attentive")
     acc = (probe_lib.predict_grid(model, params, te_task.x)[0].argmax(-1) == te_task.y).mean()
     assert acc < 0.75
+
+
+def _perturbed_grid(model, members, seed=0):
+    """Stacked params of `members` probes with every leaf moved off its initial value (biases, LayerNorm shifts and
+    the query all non-zero), so that no term of the pooler vanishes by accident."""
+    import jax
+    params = jax.vmap(model.init)(jax.random.split(jax.random.PRNGKey(seed), members))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+
+
+def test_shared_input_pooler_is_the_per_member_probe():
+    """apply_grid's depth-0 pooler (one shared input, no keys or values) computes what ProbeModel.apply computes
+    member by member, outputs and gradients, with and without position embeddings and with several queries."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.random.normal(jax.random.PRNGKey(2), (5, 16, 24)) * 2 + 1  # offset: token centring matters
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def both(model, params):  # (outputs, gradients) of the shared-input pooler and of the per-member probe
+        per_member = lambda p: jax.vmap(model.apply, in_axes=(0, None))(p, x)
+        shared = lambda p: probe_lib.apply_grid(model, p, x)
+        grad = lambda f: jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))(params)
+        return shared(params), per_member(params), grad(shared), grad(per_member)
+
+    for tokens, heads, queries in ((16, 2, 1), (0, 0, 3)):
+        model = probe_lib.ProbeModel(kind="attentive", width=24, out=6, depth=0, tokens=tokens, heads=heads,
+                                     num_queries=queries)
+        out, ref, g_out, g_ref = both(model, _perturbed_grid(model, 3))
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+        for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max() + 1))
+
+
+def _largest_intermediate(closed) -> int:
+    """Elements of the largest array any equation of a jaxpr (and the jaxprs inside it) produces."""
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (list, tuple)) else (value,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from walk(inner)
+    return max(walk(closed.jaxpr))
+
+
+def test_grid_training_step_holds_no_per_member_copy_of_the_input():
+    """The depth-0 grid's forward and backward pass never makes a [members, batch, tokens, width] array (the
+    vmap-ed probe does: x + pos per member, then its keys and values); such arrays made the README example hold
+    15 GB. The same check on the vmap-ed depth-1 probe shows that it would notice."""
+    import jax
+    import jax.numpy as jnp
+    g, b, length, d = 4, 8, 32, 16
+    x, y = jnp.ones((b, length, d)), jnp.zeros((b,), jnp.int32)
+
+    def largest(depth):
+        model = probe_lib.ProbeModel(kind="attentive", width=d, out=3, depth=depth, tokens=length, heads=2)
+        params = jax.vmap(model.init)(jax.random.split(jax.random.PRNGKey(0), g))
+        step = jax.grad(lambda p: probe_lib.grid_loss(model, "classification", p, x, y, None).sum())
+        return _largest_intermediate(jax.make_jaxpr(step)(params))
+
+    assert largest(0) < g * b * length * d // 2
+    assert largest(1) >= g * b * length * d
+
+
+def test_members_trained_in_groups_match_members_trained_together(monkeypatch):
+    """Probes with self-attention blocks train their members in groups that fit the activation budget; the
+    grouping changes nothing in the result. Predictions in chunks of rows equal predictions at once."""
+    tr = synthetic(48, seed=0, tokens=4)
+    task = probe_lib.make_task(tr, "classification", "label", "attentive")
+    model = probe_lib.ProbeModel(kind="attentive", width=16, out=3, depth=1, tokens=4, heads=2)
+    kw = dict(epochs=2, batch_size=16)
+    together, _, loss = probe_lib.train_grid(model, "classification", task.x, task.y, None, (1e-3, 1e-2),
+                                             (0.0, 0.1), **kw)
+    budget = probe_lib.activation_bytes(model, 16, 4) * 2
+    assert probe_lib.members_per_group(model, 4, 16, 4, budget=budget) == 2
+    monkeypatch.setattr(probe_lib, "ACTIVATION_BUDGET", budget)
+    grouped, _, grouped_loss = probe_lib.train_grid(model, "classification", task.x, task.y, None, (1e-3, 1e-2),
+                                                    (0.0, 0.1), **kw)
+    import jax
+    for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(grouped)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, grouped_loss, rtol=1e-5)
+    np.testing.assert_allclose(probe_lib.predict_grid(model, together, task.x, chunk=7),
+                               probe_lib.predict_grid(model, together, task.x, chunk=48), rtol=1e-5, atol=1e-6)
 
 
 def test_predictions_are_averaged_over_the_segments_of_a_clip():

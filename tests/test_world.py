@@ -227,6 +227,84 @@ def test_policies_mix_uniform_and_smooth():
     assert min(kinds["ou"]) > 0.5  # temporally smooth
 
 
+def _runs(actions: np.ndarray) -> list[int]:
+    """Lengths of the runs of identical consecutive actions."""
+    change = np.flatnonzero(np.any(actions[1:] != actions[:-1], axis=1)) + 1
+    return np.diff(np.concatenate([[0], change, [len(actions)]])).tolist()
+
+
+def test_hold_policy_holds_each_action_for_several_frames_inside_the_bounds():
+    low, high = np.array([-1.0, 0.0]), np.array([1.0, 2.0])
+    lengths = []
+    for seed in range(20):
+        p = world._Policy(seed, low, high, (("hold", 1.0),))
+        assert p.kind == "hold"
+        a = np.stack([p() for _ in range(200)])
+        assert (a >= low).all() and (a < high).all()
+        runs = _runs(a)  # the last hold may be cut short by the end of the draws
+        assert min(runs[:-1]) >= world.HOLD_FRAMES[0] and max(runs) <= world.HOLD_FRAMES[1], runs
+        lengths += runs[:-1]
+        assert len(runs) >= 200 // world.HOLD_FRAMES[1]
+    assert min(lengths) > 1 and set(range(world.HOLD_FRAMES[0], world.HOLD_FRAMES[1] + 1)) <= set(lengths)
+    a = np.stack([p() for _ in range(2000)])  # the held actions themselves spread over the whole box
+    assert (a.min(0) < low + 0.1).all() and (a.max(0) > high - 0.1).all()
+
+
+def test_control_preset_draws_hold_episodes_and_other_presets_do_not():
+    def kinds(preset):
+        c = world.make_config(preset)
+        return [world._Policy(world.episode_seed(c.seed, i), -np.ones(2), np.ones(2), c.policies).kind
+                for i in range(min(c.episodes, 600))]
+
+    control = kinds("control")
+    share = {k: control.count(k) / len(control) for k in world.POLICY_KINDS}
+    assert 0.42 < share["hold"] < 0.58 and 0.18 < share["uniform"] < 0.32 and 0.18 < share["ou"] < 0.32, share
+    for preset in ("tiny", "default", "large", "xlarge"):
+        assert "hold" not in kinds(preset), preset
+    # a stored control hold episode: held actions, in bounds, frame-aligned as any other episode
+    c = world.make_config("control")
+    i = control.index("hold")
+    e = world._episode_job(c.episode_job(i))
+    a = e["actions"][:, : e["action_dim"]]
+    env = envs.make_env(e["domain"], e["seed"])
+    assert (a >= env.action_low).all() and (a <= env.action_high).all()
+    runs = _runs(a)
+    assert min(runs[:-1]) >= world.HOLD_FRAMES[0] and max(runs) <= world.HOLD_FRAMES[1] and len(runs) >= 3
+    env.close()
+
+
+def test_random_or_smooth_presets_keep_their_episodes():
+    """The policy mix must not move the draws of the presets without holds: their actions are pinned (values computed
+    before the hold policy existed), so cached quick-start data and its reported numbers stay valid."""
+    import hashlib
+
+    c = world.make_config("default")
+    h, kinds = hashlib.sha256(), []
+    for i in range(16):
+        p = world._Policy(world.episode_seed(c.seed, i), -np.ones(2), np.ones(2), c.policies)
+        h.update(np.stack([p() for _ in range(100)]).astype(np.float32).tobytes())
+        kinds.append(p.kind)
+    assert kinds == ["ou", "ou", "ou", "uniform", "uniform", "ou", "uniform", "ou", "ou", "ou", "ou", "uniform",
+                     "ou", "uniform", "uniform", "uniform"]
+    assert h.hexdigest() == "57712dae33d4c8bd73eb853ba0f2c0c532a3c96e5e5c39a4040da664fb4ddbcf"
+    e = world.generate_episode(*world.make_config("default", frames=30, resolution=32).episode_job(1))
+    assert envs.DOMAINS[e["domain"]] == ("reacher", "easy")
+    assert hashlib.sha256(e["actions"].tobytes()).hexdigest() == \
+        "de7dabce7910ccd3bd0e06105bc3aebb2f394930da1fda2aeef2ed0f2f05aee4"
+    np.testing.assert_allclose(e["actions"][[0, 7, 29], :2], [[0.8707674741744995, -0.22643573582172394],
+                                                             [0.9629954099655151, -0.9850367903709412],
+                                                             [-0.4087672829627991, 0.043009910732507706]])
+    np.testing.assert_allclose(e["states"][29, :4], [3.4705591201782227, -2.809262752532959, -2.321702003479004,
+                                                    0.07264688611030579], atol=1e-3)
+
+
+def test_bad_policy_mix_raises_value_error():
+    for bad in ((("hold", 1.0), ("spline", 1.0)), (("uniform", 0.0),), (), (("ou", 1.0), ("ou", 2.0)), "hold",
+                (("uniform", float("nan")),)):
+        with pytest.raises(ValueError, match="policies"):
+            world._Policy(0, -np.ones(1), np.ones(1), bad)
+
+
 def test_prepare_twice_generates_once(tiny_dir):
     def snapshot():
         out = {}

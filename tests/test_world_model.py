@@ -392,6 +392,10 @@ def test_plan_benchmark_cli_end_to_end(tmp_path, wm_run):
             assert 0.0 <= lo <= m[rate] <= hi <= 1.0
         assert m["reached_rate"] >= m["success_rate"]
     assert reacher["methods"]["oracle (CEM, true simulator)"]["plan_seconds_per_action"] > 0
+    fidelity = reacher["methods"]["CEM, world model"]["energy_fidelity"]
+    assert set(fidelity) == {"predicted", "true_frames", "pixels"}
+    assert all(-1.0 <= v <= 1.0 for v in fidelity.values())
+    assert fidelity["pixels"] > 0.2  # raw pixel distance ranks outcomes by true distance
     table = (out / "planning_benchmark.md").read_text()
     assert "| reacher | oracle (CEM, true simulator) |" in table and "reached [95% CI]" in table
     assert (out / "energy_landscape.png").stat().st_size > 1000
@@ -652,3 +656,138 @@ def test_wilson_interval():
     np.testing.assert_allclose(plan.wilson_interval(0, 10), (0.0, 0.2775), atol=1e-4)
     np.testing.assert_allclose(plan.wilson_interval(5, 10), (0.2366, 0.7634), atol=1e-4)
     np.testing.assert_allclose(plan.wilson_interval(50, 50), (0.9287, 1.0), atol=1e-4)
+
+
+# ---------------------------------------------------------------- the encoder trained with the predictor
+
+
+def _max_change(a, b) -> float:
+    return max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def _with(config, **world_model):
+    """A copy of config with world_model overrides (and the VICReg weights a frozen encoder must not carry)."""
+    config = config.copy_and_resolve_references()
+    config.world_model.update(**world_model)
+    if not config.world_model.train_encoder:
+        config.loss.update(variance_weight=0.0, covariance_weight=0.0)
+    return config
+
+
+def test_train_encoder_params_and_the_ema_copy(wm_config):
+    """world_model.train_encoder: params["encoder"] starts as the "ema" encoder and update_target copies it into
+    "ema" (what planning, surprise and export read); the VICReg terms join the loss. Off: no params["encoder"] and
+    "ema" is returned untouched. (test_train_encoder_cli_run_plans_with_the_trained_encoder runs the trainer;
+    test_train_world_model_on_a_frozen_pretrained_encoder checks that a frozen encoder leaves training unchanged.)"""
+    from jepa import objectives
+    wm_config.world_model.train_encoder = True
+    wm_config.loss.update(variance_weight=1.0, covariance_weight=0.04)
+    objective, params, ema, batch = _objective_and_batch(wm_config)
+    assert set(params) == {"predictor", "encoder"} and _max_change(params["encoder"], ema) == 0
+    moved = jax.tree.map(lambda x: x + 1.0, params["encoder"])
+    assert objective.update_target(ema, {**params, "encoder": moved}, 0.5) is moved
+    loss, aux = jax.jit(objective.loss)(params, ema, batch)
+    expected = aux["loss/teacher_forcing"] + aux["loss/rollout"] + aux["reg/variance"] + 0.04 * aux["reg/covariance"]
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    assert float(aux["reg/variance"]) > 0
+    frozen = objectives.build(_with(wm_config, train_encoder=False))
+    params, ema = jax.eval_shape(lambda: frozen.init(jax.random.PRNGKey(0), wm_config))
+    assert set(params) == {"predictor"}
+    assert frozen.update_target(ema, {"predictor": None, "encoder": moved}, 0.5) is ema
+
+
+def test_train_encoder_gradients_reach_the_encoder_through_predictions_and_targets(wm_config):
+    """PLDM-style: no stop-gradient on either side, so the encoder gets gradient through the predictor's inputs
+    and through the targets; with the encoder frozen, encode_frames stops both."""
+    from jepa import objectives
+    wm_config.world_model.train_encoder = True
+    wm_config.loss.update(variance_weight=1.0, covariance_weight=0.0)
+    objective, params, _, batch = _objective_and_batch(wm_config)
+    assert set(params) == {"predictor", "encoder"}
+    a, s = batch["actions"][:, :-1], batch["states"][:, :-1]
+
+    def path_grads(obj):
+        """Encoder gradients of the teacher-forced loss through the inputs only and through the targets only."""
+        fixed = jax.lax.stop_gradient(obj.encode_frames(params["encoder"], batch["video"]))
+        dist = lambda enc, inputs, targets: jnp.mean(jnp.abs(
+            obj.predict(params["predictor"], inputs(enc)[:, :-1], a, s)[0] - targets(enc)[:, 1:]))
+        encode = lambda enc: obj.encode_frames(enc, batch["video"])
+        through_inputs = jax.grad(lambda enc: dist(enc, encode, lambda _: fixed))
+        through_targets = jax.grad(lambda enc: dist(enc, lambda _: fixed, encode))
+        largest = lambda g: jnp.abs(g["patch_kernel"]).max()
+        both = jax.jit(lambda enc: (largest(through_inputs(enc)), largest(through_targets(enc))))(params["encoder"])
+        return tuple(float(g) for g in both)
+
+    g_inputs, g_targets = path_grads(objective)
+    assert g_inputs > 0 and g_targets > 0
+    assert path_grads(objectives.build(_with(wm_config, train_encoder=False))) == (0.0, 0.0)
+
+
+def test_train_encoder_needs_the_variance_covariance_terms(wm_config):
+    from jepa import config as config_lib
+    from jepa.config import ConfigError
+    wm_config.world_model.train_encoder = True
+    with pytest.raises(ConfigError, match=r"config\.world_model\.train_encoder: .*loss\.variance_weight"):
+        config_lib.validate(wm_config)
+    wm_config.loss.covariance_weight = 0.04
+    config_lib.validate(wm_config)
+    wm_config.world_model.train_encoder = False  # the terms would silently do nothing on a frozen encoder
+    with pytest.raises(ConfigError, match=r"config\.loss\.variance_weight: .*train_encoder"):
+        config_lib.validate(wm_config)
+
+
+def test_train_encoder_step_flops_count_the_encoder_backward(wm_config):
+    from jepa import metrics as metrics_lib
+    from jepa import models, objectives
+    frozen = objectives.ActionConditioned.step_flops(wm_config)
+    trained = objectives.ActionConditioned.step_flops(_with(wm_config, train_encoder=True))
+    e = models.resolved_dims(wm_config.model)["encoder"]
+    n = (wm_config.data.resolution // e["patch_size"]) ** 2
+    backward = (metrics_lib.patch_embed_flops(n, e["width"], e["patch_size"], e["tubelet_size"])
+                + 2 * metrics_lib.vit_forward_flops(n, e["width"], e["depth"], e["mlp_dim"]))
+    expected = backward * wm_config.data.num_frames * wm_config.train.global_batch_size
+    np.testing.assert_allclose(trained - frozen, expected, rtol=1e-9)
+
+
+def test_train_encoder_starts_from_encoder_from_in_both_slots(tiny_run, wm_config):
+    """The trainer puts encoder_from's EMA weights into params["encoder"] as well as "ema", as separate buffers
+    (the train step donates its state: two slots sharing one buffer would be donated twice)."""
+    from jepa import objectives, runs
+    from jepa import train as train_lib
+    wm_config.encoder_from, wm_config.encoder_weights = tiny_run, "pretrained"
+    wm_config.world_model.train_encoder = True
+    wm_config.loss.variance_weight = 1.0
+    train_lib.adopt_encoder_config(wm_config)
+    # Another seed than the pretraining run's: its EMA encoder is still close to its own initialisation.
+    params, ema = objectives.build(wm_config).init(jax.random.PRNGKey(1), wm_config)
+    state = train_lib.load_frozen_encoder(wm_config, {"params": params, "ema": ema}, runs.inference_mesh())
+    pretrained, _ = runs.load_encoder(tiny_run, wm_config)
+    assert _max_change(params["encoder"], pretrained) > 1e-4  # the random init was replaced
+    assert _max_change(state["params"]["encoder"], pretrained) == 0 and _max_change(state["ema"], pretrained) == 0
+    pointers = lambda tree: {x.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)}
+    assert not pointers(state["params"]["encoder"]) & pointers(state["ema"])
+
+
+def test_train_encoder_cli_run_plans_with_the_trained_encoder(tmp_path, tiny_run, world_dir, jax_cache):
+    """`jepa.train` from the pretraining run's EMA encoder with the encoder trained: the saved "ema" slot is the
+    trained encoder (equal to params/encoder), WorldModel.load plans with it, and its encodings differ from the
+    pretrained encoder's."""
+    from jepa import runs
+    workdir = tmp_path / "wm"
+    proc = run_module("jepa.train", "--config=configs/world_model.py:tiny", f"--workdir={workdir}",
+                      f"--config.encoder_from={tiny_run}", "--config.encoder_weights=pretrained",
+                      "--config.world_model.train_encoder=True", "--config.loss.variance_weight=1",
+                      "--config.loss.covariance_weight=0.04", f"--config.data.sources.world.data_dir={world_dir}",
+                      f"--config.train.compilation_cache={jax_cache}")
+    assert proc.returncode == 0, child_error(proc.stderr)
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert all(np.isfinite(r["loss"]) for r in records) and "reg/variance" in records[-1]
+    model = planning.WorldModel.load(str(workdir))
+    assert model.config.world_model.train_encoder and model.step == 6
+    state, _ = runs.load_state_parts(str(workdir), ["params/encoder"])
+    pretrained, _ = runs.load_encoder(tiny_run, runs.load_config(tiny_run))
+    assert _max_change(state["params"]["encoder"], model.encoder_params) == 0
+    assert _max_change(pretrained, model.encoder_params) > 1e-4
+    frames = np.asarray(np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3)), np.uint8)
+    before = planning.WorldModel(model.config, pretrained, model.predictor_params, 0).encode(frames)
+    assert float(jnp.abs(model.encode(frames) - before).max()) > 1e-3

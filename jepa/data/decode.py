@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from fractions import Fraction
 from typing import Any
 
@@ -27,7 +28,7 @@ import av
 import numpy as np
 
 __all__ = ["DecodeError", "probe", "sample_frame_indices", "frame_step_for_fps", "decode_frames",
-           "read_record_clip", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
+           "set_default_threads", "read_record_clip", "IMAGE_SUFFIXES", "VIDEO_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".gif",
@@ -45,6 +46,14 @@ _REORDER_MARGIN = 32
 # shortfall means the data stops early (a truncated download); at frame_step >= 3 the slack repeats at most one
 # sampled frame of a clip.
 _END_SLACK = 3
+
+# Codecs whose decoder, with skip_frame "NONREF", drops exactly the pictures no other picture references: H.264
+# marks them in every slice (nal_ref_idc 0). Not HEVC: its sub-layer non-reference ("_N") pictures may still be
+# referenced by pictures of a higher temporal sub-layer.
+_SKIP_NONREF_CODECS = frozenset({"h264"})
+
+# Decoder threads when decode_frames is not told (set_default_threads; 0 = FFmpeg's choice).
+_default_threads = 0
 
 # probe(verify=True) decodes the last group of pictures from packets it keeps; a longer one is not held.
 _TAIL_BYTES = 64 << 20
@@ -394,11 +403,34 @@ def sample_frame_indices(total_frames: int, num_frames: int, frame_step: int, rn
 # ----------------------------------------------------------------------------------------------- decoding
 
 class _Retry(Exception):
-    """The fast index mapping did not fit this stream; decode again with the next, more careful strategy."""
+    """The fast path did not fit this stream; decode again with `strategy` (the next, more careful one), and
+    without skipping unwanted pictures when `skip` is False."""
+
+    def __init__(self, strategy: str, skip: bool = True):
+        super().__init__(strategy)
+        self.strategy, self.skip = strategy, skip
 
 
 class _Ended(Exception):
     """The stream ended before a wanted frame; args: (index of the last decoded frame or -1, first missing index)."""
+
+
+class _Clock:
+    """Adds CPU seconds per phase and frame counts to `stats` (jepa.data.bench's breakdown); no-op without it."""
+
+    def __init__(self, stats: dict | None):
+        self.stats = stats
+        self.t = time.process_time() if stats is not None else 0.0
+
+    def lap(self, key: str) -> None:
+        if self.stats is not None:
+            now = time.process_time()
+            self.stats[key] = self.stats.get(key, 0.0) + now - self.t
+            self.t = now
+
+    def count(self, key: str, n: int = 1) -> None:
+        if self.stats is not None:
+            self.stats[key] = self.stats.get(key, 0) + n
 
 
 def _ended_message(name: str, stream, last: int, missing: int) -> str:
@@ -426,35 +458,68 @@ def _scan_pts(container, stream, upto: int):
     return np.sort(np.asarray(pts, np.int64))
 
 
-def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: str) -> dict:
+def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: str, skip: bool,
+                   clock: _Clock) -> dict:
     """Decodes the frames at the sorted unique indices `wanted`; returns {index: rgb array}.
 
     strategy "grid": seek, index = position of pts on the nominal constant-rate grid (raises _Retry when a pts is
     off the grid: variable frame rate); "table": demux-only pts scan, seek, index = rank of pts (frame order);
     "sequential": decode from the start counting frames (no timestamps needed).
+    skip: with a seek strategy and a codec in _SKIP_NONREF_CODECS, packets of unwanted frames go to the decoder
+    with skip_frame "NONREF": it drops the pictures no other picture references and decodes the rest as usual.
     """
     first, last = int(wanted[0]), int(wanted[-1])
     tb = stream.time_base
     start = stream.start_time or 0
-    index_of = None   # pts -> frame index, when we seek
+    index_of = packet_index = None   # pts -> frame index, when we seek
     if first > 0 and tb and strategy == "grid":
         rate = Fraction(stream.average_rate)
         target = start + int(Fraction(first) / rate / tb)
 
-        def index_of(pts):
+        def packet_index(pts):   # None: off the grid (index_of then asks for the table)
             exact = (pts - start) * tb * rate
             i = round(exact)
-            if abs(exact - i) > 0.25:
+            return int(i) if abs(exact - i) <= 0.25 else None
+
+        def index_of(pts):
+            i = packet_index(pts)
+            if i is None:
                 raise _Retry("table")
-            return int(i)
+            return i
     elif first > 0 and tb and strategy == "table":
         table = _scan_pts(container, stream, last)
         if table is None or not len(table):
             raise _Retry("sequential")
         target = int(table[min(first, len(table) - 1)])
-        index_of = lambda pts: int(np.searchsorted(table, pts, side="left"))  # noqa: E731
+        index_of = packet_index = lambda pts: int(np.searchsorted(table, pts, side="left"))  # noqa: E731
     if index_of is not None:
         container.seek(int(target), stream=stream, backward=True, any_frame=False)
+    clock.lap("open_seek")
+    codec = stream.codec_context
+    # A packet is matched to its frame by its pts before decoding, which needs a seek strategy's pts -> index.
+    # Frames that may stand in for indices past the end (the last _END_SLACK + 1 before the last wanted one) are
+    # always decoded, so the stand-in is the frame a full decode would give.
+    skipping = skip and packet_index is not None and codec.name in _SKIP_NONREF_CODECS
+    wanted_set = set(wanted.tolist()) if skipping else set()
+    keep_from = last - _END_SLACK - 1
+    skipped: list[int] = []
+
+    def frames():
+        mode = "DEFAULT"
+        for packet in container.demux(stream):
+            if skipping and packet.pts is not None:
+                j = packet_index(packet.pts)
+                drop = j is not None and j < keep_from and j not in wanted_set
+                if drop:
+                    skipped.append(j)
+                if mode != ("NONREF" if drop else "DEFAULT"):
+                    mode = codec.skip_frame = "NONREF" if drop else "DEFAULT"
+            yield from packet.decode()
+
+    def skipped_between(lo, hi) -> bool:
+        """Whether a packet sent for skipping lies strictly between frame indices lo and hi."""
+        return any(lo < s < hi for s in skipped)
+
     out: dict[int, np.ndarray] = {}
     cache: dict[int, np.ndarray] = {}
 
@@ -462,24 +527,31 @@ def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: 
         if key not in cache:
             cache.clear()
             cache[key] = _to_rgb(frame, short_side)
+            clock.lap("convert")
         return cache[key]
 
     wi, counter = 0, 0
     prev, prev_key, prev_index = None, None, -1
-    for frame in container.decode(stream):
+    for frame in frames():
         if index_of is not None:
             if frame.pts is None:
                 raise _Retry("sequential")
             i = index_of(frame.pts)
             if prev is None and i > first:   # the seek landed after the first wanted frame
                 raise _Retry("sequential")
+            if skipping and i <= prev_index:   # out of presentation order: no skipping for this stream
+                raise _Retry(strategy, skip=False)
         else:
             i = counter
         counter += 1
+        clock.lap("lead_in" if i < first else "window")
+        clock.count("frames_lead_in" if i < first else "frames_window")
         if i < wanted[wi]:
             prev, prev_key, prev_index = frame, counter, i
             continue
         while wi < len(wanted) and wanted[wi] < i:   # a gap in the timestamps: the frame on screen then
+            if skipping and skipped_between(prev_index, int(wanted[wi])):   # ... might be one that was skipped
+                raise _Retry(strategy, skip=False)
             out[int(wanted[wi])] = rgb(prev, prev_key) if prev is not None else rgb(frame, counter)
             wi += 1
         if wi < len(wanted) and wanted[wi] == i:
@@ -488,28 +560,49 @@ def _decode_wanted(container, stream, wanted: np.ndarray, short_side, strategy: 
         prev, prev_key, prev_index = frame, counter, i
         if wi == len(wanted):
             break
+    clock.count("packets_unwanted", len(skipped))
     if wi < len(wanted):
         # The stream ended before a wanted frame. Within _END_SLACK frames that is a header counting frames that
         # never show, and the last frame stands in; any further and the data stops early (a truncated file), which
         # must fail rather than become a clip of copies of one frame.
         if prev is None or int(wanted[-1]) - prev_index > _END_SLACK:
             raise _Ended(prev_index if prev is not None else -1, int(wanted[wi]))
+        if skipping and skipped_between(prev_index, math.inf):
+            raise _Retry(strategy, skip=False)
         last_rgb = rgb(prev, prev_key)
         for j in wanted[wi:]:
             out[int(j)] = last_rgb
     return out
 
 
+def set_default_threads(threads: int) -> None:
+    """Decoder threads `decode_frames` uses when not told (0 = FFmpeg's choice, one per core).
+
+    Data workers set it to their share of the cores: FFmpeg's choice in every one of N workers would run N x cores
+    threads, and each frame thread decodes a few frames past the end of a clip's window for nothing.
+    """
+    global _default_threads
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0 = FFmpeg's choice), got {threads!r}")
+    _default_threads = int(threads)
+
+
 def decode_frames(path_or_bytes, indices, short_side: int | None = None, *, name: str | None = None,
-                  threads: int = 0) -> np.ndarray:
+                  threads: int | None = None, skip_unwanted: bool = True, seek: bool = True,
+                  stats: dict | None = None) -> np.ndarray:
     """uint8 [len(indices), H, W, 3] RGB frames at `indices` (presentation-order frame numbers, any order/repeats).
 
-    Seeks to the keyframe before the first wanted frame and decodes only up to the last one. With `short_side`
-    the frames are resized while converting so min(H, W) == short_side (aspect kept). Images repeat their single
-    frame. An index the stream does not reach raises DecodeError (a truncated file whose header still counts the
-    lost frames), except within `_END_SLACK` frames of the last decoded one, where the last frame stands in: header
-    counts can exceed the frames that show by a few. `threads`: decoder threads (0 = FFmpeg's choice).
-    Raises DecodeError naming the file for anything unreadable.
+    Seeks to the keyframe at or before the first wanted frame and decodes only up to the last one; pictures of
+    unwanted frames that no other picture references (H.264) are not decoded at all. skip_unwanted=False decodes
+    them too, seek=False decodes from the start: both for benchmarks, the frames returned are the same. With
+    `short_side` the frames are resized while converting so min(H, W) == short_side (aspect kept). Images repeat
+    their single frame. An index the stream does not reach raises DecodeError (a truncated file whose header still
+    counts the lost frames), except within `_END_SLACK` frames of the last decoded one, where the last frame stands
+    in: header counts can exceed the frames that show by a few. `threads`: decoder threads (0 = FFmpeg's choice;
+    None = `set_default_threads`'s value, 0 unless set). `stats`: a dict to which CPU seconds per phase
+    (open_seek, lead_in, window, convert) and counts (frames_lead_in, frames_window: frames decoded;
+    packets_unwanted: packets sent with skip_frame "NONREF") are added. Raises DecodeError naming the file for
+    anything unreadable.
     """
     name = _source_name(path_or_bytes, name)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -519,14 +612,18 @@ def decode_frames(path_or_bytes, indices, short_side: int | None = None, *, name
         raise ValueError(f"{name}: indices must be >= 0, got {idx.min()}")
     if short_side is not None and int(short_side) < 1:
         raise ValueError(f"short_side must be >= 1 or None, got {short_side}")
+    threads = _default_threads if threads is None else int(threads)
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = FFmpeg's choice), got {threads}")
     wanted = np.unique(idx)
-    strategy = None
+    strategy, skip = (None if seek else "sequential"), bool(skip_unwanted)
+    clock = _Clock(stats)
     try:
         while True:
             with _Opened(path_or_bytes, name) as (container, stream, is_image):
                 stream.thread_type = "AUTO"
                 if threads:
-                    stream.codec_context.thread_count = int(threads)
+                    stream.codec_context.thread_count = threads
                 if is_image:
                     for frame in container.decode(stream):
                         one = _to_rgb(frame, short_side)
@@ -535,11 +632,11 @@ def decode_frames(path_or_bytes, indices, short_side: int | None = None, *, name
                 if strategy is None:
                     strategy = "table" if _is_vfr(stream) else "grid"
                 try:
-                    got = _decode_wanted(container, stream, wanted, short_side, strategy)
+                    got = _decode_wanted(container, stream, wanted, short_side, strategy, skip, clock)
                 except _Retry as retry:
                     if strategy == "sequential":
                         raise DecodeError(f"{name}: inconsistent frame timestamps") from None
-                    strategy = retry.args[0]
+                    strategy, skip = retry.strategy, skip and retry.skip
                     continue
                 except _Ended as ended:
                     raise DecodeError(_ended_message(name, stream, *ended.args)) from None

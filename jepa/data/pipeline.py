@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -21,7 +22,7 @@ import grain
 import numpy as np
 
 from jepa import masks as masks_lib
-from jepa.data import clips
+from jepa.data import clips, decode
 from jepa.data import sources as sources_lib
 from jepa.data import workers as workers_lib
 
@@ -159,8 +160,33 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
             flags.FLAGS.mark_as_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                                    per_worker_buffer_size=buffer),
-                                      worker_init_fn=workers_lib.exit_with_parent)
+                                      worker_init_fn=_WorkerInit(_decode_threads(workers)))
     return ResumableIterDataset(iter_ds, workers)
+
+
+def _decode_threads(workers: int) -> int:
+    """Decoder threads per worker: its share of the cores this process may use, at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:   # no affinity call on this OS
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(workers)))
+
+
+class _WorkerInit:
+    """Grain worker start: end with the trainer (workers.exit_with_parent) and decode with `decode_threads`.
+
+    Why a thread count: FFmpeg's own choice (one thread per core) in each of N workers runs N x cores threads, and
+    frame threads cost 4-14% more CPU per clip than one (`python -m jepa.data.bench --per_core --levers`): with a
+    worker per core, single-threaded decoders feed more clips; fewer workers get the spare cores as threads.
+    """
+
+    def __init__(self, decode_threads: int):
+        self.decode_threads = int(decode_threads)
+
+    def __call__(self, worker_index: int = 0, worker_count: int = 1) -> None:
+        workers_lib.exit_with_parent(worker_index, worker_count)
+        decode.set_default_threads(self.decode_threads)
 
 
 class ResumableIterDataset(grain.IterDataset):

@@ -14,10 +14,14 @@ Episode semantics (one record per episode, format in the team spec "World episod
     same episode with more frames.
   - states[t] = concat(qpos, qvel) at frame t, zero-padded to S_MAX; rewards[t] = the task reward of the physics at
     frame t (what dm_control's step returns on arriving there; not summed over the action repeat).
-  - the per-episode policy is chosen from the episode seed: uniform-random actions (i.i.d. per frame) or temporally
-    smooth Ornstein-Uhlenbeck noise with random stiffness/scale, always inside the action-spec bounds.
-  - the record's "seed" alone determines the episode (initial state and actions): `generate_episode(domain, seed,
-    frames, resolution)` reproduces it, and `jepa.envs.make_env(domain, seed).reset()` its first state.
+  - the per-episode policy is drawn from the episode seed with the preset's policy mix ("policies"): uniform-random
+    actions (i.i.d. per frame), temporally smooth Ornstein-Uhlenbeck noise with random stiffness/scale, or "hold"
+    (piecewise constant: a uniform action held for 5 to 20 frames, then the next), always inside the action-spec
+    bounds. Every preset mixes uniform and smooth equally, except "control", which gives half its episodes to hold
+    (planning's goals are one constant action held for several steps).
+  - the record's "seed" and the preset's policy mix determine the episode (initial state and actions):
+    `generate_episode(domain, seed, frames, resolution, policies)` (`WorldConfig.episode_job(i)` gives these
+    arguments) reproduces it, and `jepa.envs.make_env(domain, seed).reset()` its first state.
 
 Determinism: episode i of a config uses seed `episode_seed(seed, i)` and domain `domains[i % len(domains)]`
 (round-robin); the same config gives byte-identical frames whatever the number of workers.
@@ -45,16 +49,31 @@ import tensorflow_datasets as tfds
 from jepa.data import workers
 from jepa.envs import A_MAX, DOMAINS, S_MAX, WorldEnv, domain_index
 
-# episodes = total over all domains (round-robin), frames per episode, square resolution, domains (None = all nine).
+# Per-episode action policies (see _Policy) and the mix a preset draws them from, as (kind, weight) pairs.
+POLICY_KINDS = ("uniform", "ou", "hold")
+RANDOM_OR_SMOOTH = (("uniform", 1.0), ("ou", 1.0))
+# Planning's goals are one constant action held for 10 steps (2 world-model blocks of 5), so the control preset
+# gives half its episodes to held actions; its other half (300 episodes) keeps as many uniform and smooth episodes
+# as a 300-episode random-or-smooth preset would, for coverage of fast-varying actions.
+CONTROL_POLICIES = (("uniform", 1.0), ("ou", 1.0), ("hold", 2.0))
+
+# episodes = total over all domains (round-robin), frames per episode, square resolution, domains (None = all nine),
+# policies = the per-episode policy mix.
 # Cost: ~4.5 ms of CPU per 64x64 frame (~6 ms at 128x128) for render + physics; ~1.35 KB per 64x64 frame on disk
 # (zlib), ~11.6 KB at 128x128. "default" took 138 s on 2 shared cores (about 80 s projected on 2 idle ones).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(episodes=6, frames=24, resolution=64, domains=("cartpole", "reacher")),  # ~5 s; for tests
-    "default": dict(episodes=384, frames=100, resolution=64, domains=None),  # quick start: 38k frames, 50 MB
-    "large": dict(episodes=8000, frames=200, resolution=64, domains=None),   # 1.6M frames, ~2.2 GB, ~2 CPU-hours
-    "xlarge": dict(episodes=10000, frames=200, resolution=128, domains=None),  # 2M frames, ~23 GB, ~3.5 CPU-hours
-    # World-model (action-conditioned) training data for the planning tasks: 18k frames, ~80 s of CPU.
-    "control": dict(episodes=300, frames=60, resolution=64, domains=("reacher", "point_mass")),
+    "tiny": dict(episodes=6, frames=24, resolution=64, domains=("cartpole", "reacher"),  # ~5 s; for tests
+                 policies=RANDOM_OR_SMOOTH),
+    "default": dict(episodes=384, frames=100, resolution=64, domains=None,  # quick start: 38k frames, 50 MB
+                    policies=RANDOM_OR_SMOOTH),
+    "large": dict(episodes=8000, frames=200, resolution=64, domains=None,  # 1.6M frames, ~2.2 GB, ~2 CPU-hours
+                  policies=RANDOM_OR_SMOOTH),
+    "xlarge": dict(episodes=10000, frames=200, resolution=128, domains=None,  # 2M frames, ~23 GB, ~3.5 CPU-hours
+                   policies=RANDOM_OR_SMOOTH),
+    # World-model (action-conditioned) training data for the planning tasks: 36k frames, 9.5 MB; 108 s on 2 shared
+    # cores.
+    "control": dict(episodes=600, frames=60, resolution=64, domains=("reacher", "point_mass"),
+                    policies=CONTROL_POLICIES),
 }
 
 SPLITS = ("train", "validation", "test")
@@ -69,20 +88,55 @@ def episode_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
 
 
-class _Policy:
-    """Random actions inside [low, high]: i.i.d. uniform or Ornstein-Uhlenbeck (smooth), chosen from the seed."""
+# A hold lasts 5 to 20 frames: at least one world-model block (5 env steps), reaching past the planner's 10-step
+# goal horizon, and at most a third of a control episode (60 frames) so each episode still shows several actions.
+HOLD_FRAMES = (5, 20)
 
-    def __init__(self, seed: int, low: np.ndarray, high: np.ndarray):
+
+def _resolve_policies(policies) -> tuple[tuple[str, float], ...]:
+    """The policy mix as (kind, weight) pairs; raises ValueError naming `policies` when it is malformed."""
+    try:
+        pairs = tuple((str(k), float(w)) for k, w in (policies.items() if isinstance(policies, dict) else policies))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"policies: expected (kind, weight) pairs, got {policies!r}") from e
+    kinds = [k for k, _ in pairs]
+    if not pairs or len(set(kinds)) != len(kinds) or any(k not in POLICY_KINDS for k in kinds):
+        raise ValueError(f"policies: kinds must be distinct ones of {POLICY_KINDS}, got {kinds}")
+    if not all(np.isfinite(w) and w > 0 for _, w in pairs):
+        raise ValueError(f"policies: weights must be finite and > 0, got {pairs}")
+    return pairs
+
+
+class _Policy:
+    """Random actions inside [low, high], of one kind drawn from the seed with the mix's weights: i.i.d. uniform,
+    Ornstein-Uhlenbeck (smooth), or hold (piecewise constant: a uniform action held for HOLD_FRAMES frames).
+
+    The draws before the kind's own ones (kind, OU stiffness/scale/start) are the same for every mix, and the kind
+    draw is one uniform number against the cumulative weights: an equal uniform/ou mix picks uniform exactly when
+    that number is below 0.5, so adding a kind to one preset's mix leaves every other preset's episodes alone."""
+
+    def __init__(self, seed: int, low: np.ndarray, high: np.ndarray, policies=RANDOM_OR_SMOOTH):
+        pairs = _resolve_policies(policies)
         self.rng = np.random.default_rng([int(seed), 0x9E3779B9])
         self.low, self.high = low.astype(np.float64), high.astype(np.float64)
-        self.kind = "uniform" if self.rng.random() < 0.5 else "ou"
+        weights = np.array([w for _, w in pairs])
+        cumulative = np.cumsum(weights) / weights.sum()
+        pick = int(np.searchsorted(cumulative, self.rng.random(), side="right"))
+        self.kind = pairs[min(pick, len(pairs) - 1)][0]  # min: rounding may leave cumulative[-1] just below 1
         self.theta = self.rng.uniform(0.05, 0.3)   # pull back to the centre per frame
         self.sigma = self.rng.uniform(0.1, 0.4)    # noise per frame, in units of the half range
         self.x = self.rng.uniform(self.low, self.high)
+        self.hold_left = 0                         # frames the held action still lasts (hold kind)
 
     def __call__(self) -> np.ndarray:
         if self.kind == "uniform":
             a = self.rng.uniform(self.low, self.high)
+        elif self.kind == "hold":
+            if self.hold_left == 0:
+                self.x = self.rng.uniform(self.low, self.high)
+                self.hold_left = int(self.rng.integers(HOLD_FRAMES[0], HOLD_FRAMES[1] + 1))
+            self.hold_left -= 1
+            a = self.x
         else:
             centre, half = (self.high + self.low) / 2, (self.high - self.low) / 2
             a = self.x
@@ -94,8 +148,11 @@ class _Policy:
 _EPISODE_ENVS: dict[tuple[int, int], WorldEnv] = {}
 
 
-def generate_episode(domain: int | str, seed: int, frames: int, resolution: int = 64) -> dict:
-    """One episode as a world record (numpy); a pure function of its arguments (environments cached per process)."""
+def generate_episode(domain: int | str, seed: int, frames: int, resolution: int = 64,
+                     policies=RANDOM_OR_SMOOTH) -> dict:
+    """One episode as a world record (numpy); a pure function of its arguments (environments cached per process).
+
+    policies: the mix the episode's policy kind is drawn from ((kind, weight) pairs; a preset's "policies")."""
     i = domain_index(domain)
     if frames < 1:
         raise ValueError(f"frames: must be >= 1, got {frames}")
@@ -103,7 +160,7 @@ def generate_episode(domain: int | str, seed: int, frames: int, resolution: int 
     if key not in _EPISODE_ENVS:
         _EPISODE_ENVS[key] = WorldEnv(i, seed, int(resolution))
     env = _EPISODE_ENVS[key]
-    policy = _Policy(seed, env.action_low, env.action_high)
+    policy = _Policy(seed, env.action_low, env.action_high, policies)
     res = int(resolution)
     out = {
         "frames": np.zeros((frames, res, res, 3), np.uint8),
@@ -136,9 +193,15 @@ class WorldConfig(tfds.core.BuilderConfig):
     resolution: int = 64
     domains: tuple[int, ...] = ()
     seed: int = 0
+    policies: tuple[tuple[str, float], ...] = RANDOM_OR_SMOOTH
 
     def episode_domain(self, index: int) -> int:
         return self.domains[index % len(self.domains)]
+
+    def episode_job(self, index: int) -> tuple:
+        """The arguments of generate_episode for episode `index`."""
+        return (self.episode_domain(index), episode_seed(self.seed, index), self.frames, self.resolution,
+                self.policies)
 
     def split_indices(self) -> dict[str, range]:
         """Episode indices per split: ~80/10/10 in episode order, validation and test get at least one each."""
@@ -181,14 +244,16 @@ def make_config(preset: str = "default", *, episodes: int | None = None, frames:
     name = preset if same else (f"{preset}_e{ep}_f{fr}_r{res}_d{'x'.join(map(str, dom))}_s{seed}")
     desc = (f"{ep} episodes x {fr} frames at {res}x{res}, domains "
             f"{', '.join('/'.join(DOMAINS[i]) for i in dom)}, seed {seed}")
+    policies = _resolve_policies(p["policies"])
+    desc += f", policies {', '.join(f'{k} x{w:g}' for k, w in policies)}"
     return WorldConfig(name=name, description=desc, episodes=int(ep), frames=int(fr), resolution=int(res),
-                       domains=dom, seed=int(seed))
+                       domains=dom, seed=int(seed), policies=policies)
 
 
 def _episode_job(args) -> dict:
     """Worker entry point (module level so spawn can import it)."""
-    domain, seed, frames, resolution = args
-    return generate_episode(domain, seed, frames, resolution)
+    domain, seed, frames, resolution, policies = args
+    return generate_episode(domain, seed, frames, resolution, policies)
 
 
 def _worker_init() -> None:
@@ -201,9 +266,11 @@ class World(tfds.core.GeneratorBasedBuilder):
     """DeepMind Control Suite episodes with frames, actions, physics states and rewards (see the module docstring)."""
 
     name = "jepa_world"
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "First release.",
-                     "1.1.0": "point_mass/easy added (label 8) to every preset; the control preset."}
+                     "1.1.0": "point_mass/easy added (label 8) to every preset; the control preset.",
+                     "1.2.0": "The control preset: 600 episodes, half of them with held (piecewise-constant) "
+                              "actions. Every other preset's data is unchanged."}
     BUILDER_CONFIGS = [make_config(p) for p in PRESETS]
     DEFAULT_CONFIG_NAME = "default"
 
@@ -250,7 +317,7 @@ class World(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, indices: range) -> Iterator[tuple[int, dict]]:
         c = self.builder_config
-        jobs = [(c.episode_domain(i), episode_seed(c.seed, i), c.frames, c.resolution) for i in indices]
+        jobs = [c.episode_job(i) for i in indices]
         for i, ep in zip(indices, ordered_results(_episode_job, jobs, self._workers(), self)):
             if self._progress is not None:
                 self._progress.update(1)

@@ -17,14 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jepa.models.ac_predictor import ACPredictor
-from jepa.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, Blocks
+from jepa.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, RESIDUAL_DTYPES, Blocks
 from jepa.models.predictor import Predictor
 from jepa.models.rope import LAYOUTS as ROPE_LAYOUTS
 from jepa.models.vit import ENCODER_SIZES, VisionTransformer, token_grid
 
-__all__ = ["ATTENTION_IMPLS", "DTYPES", "ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "ACPredictor", "Blocks",
-           "Predictor", "VisionTransformer", "build_ac_predictor", "build_encoder", "build_predictor", "compute_dtype",
-           "resolved_dims", "token_grid"]
+__all__ = ["ATTENTION_IMPLS", "DTYPES", "ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "RESIDUAL_DTYPES",
+           "ACPredictor", "Blocks", "Predictor", "VisionTransformer", "build_ac_predictor", "build_encoder",
+           "build_predictor", "compute_dtype", "residual_dtype", "resolved_dims", "token_grid"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -34,6 +34,14 @@ def compute_dtype(model_cfg):
     if name not in DTYPES:
         raise ValueError(f"config.model.dtype must be one of {tuple(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def residual_dtype(model_cfg):
+    """The transformer blocks' residual-stream dtype: float32, or the compute dtype ("compute")."""
+    name = str(model_cfg.residual_dtype)
+    if name not in RESIDUAL_DTYPES:
+        raise ValueError(f"config.model.residual_dtype must be one of {RESIDUAL_DTYPES}, got {name!r}")
+    return jnp.float32 if name == "float32" else compute_dtype(model_cfg)
 
 
 def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
@@ -65,7 +73,8 @@ def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
 
 def _common(model_cfg) -> dict[str, Any]:
     return dict(rope_layout=str(model_cfg.rope_layout), dtype=compute_dtype(model_cfg),
-                remat=str(model_cfg.remat), scan=bool(model_cfg.scan), attention_impl=str(model_cfg.attention))
+                remat=str(model_cfg.remat), scan=bool(model_cfg.scan), attention_impl=str(model_cfg.attention),
+                residual_dtype=residual_dtype(model_cfg))
 
 
 def build_encoder(model_cfg, rngs: nnx.Rngs) -> VisionTransformer:

@@ -53,7 +53,7 @@ class ACPredictor(nnx.Module):
     def __init__(self, *, encoder_width: int, grid_hw: tuple[int, int], action_dim: int, state_dim: int,
                  width: int = 1024, depth: int = 24, heads: int = 16, mlp_dim: int | None = None,
                  rope_layout: str = "reference", dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 scan: bool = True, attention_impl: str = "einsum", rngs: nnx.Rngs):
+                 scan: bool = True, attention_impl: str = "einsum", residual_dtype=jnp.float32, rngs: nnx.Rngs):
         if min(encoder_width, action_dim, state_dim) <= 0:
             raise ValueError(f"encoder_width ({encoder_width}), action_dim ({action_dim}) and state_dim "
                              f"({state_dim}) must be positive")
@@ -66,7 +66,7 @@ class ACPredictor(nnx.Module):
         self.dtype = dtype
         self.blocks = layers.Blocks(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dtype=dtype,
                                     param_dtype=param_dtype, remat=remat, scan=scan,
-                                    attention_impl=attention_impl, rngs=rngs)
+                                    attention_impl=attention_impl, residual_dtype=residual_dtype, rngs=rngs)
         init = lambda *shape: nnx.Param(layers.trunc_normal(rngs.params(), shape, dtype=param_dtype))
         zeros = lambda n: nnx.Param(jnp.zeros((n,), param_dtype))
         self.embed_kernel, self.embed_bias = init(encoder_width, width), zeros(width)
@@ -83,6 +83,29 @@ class ACPredictor(nnx.Module):
         output t depends only on inputs 0..t. action_to_patches: the action embedding of step t is also added to
         each patch token of step t (DINO-WM style), so every patch sees the action directly, not only through
         attention to the action token."""
+        t, per_step = z.shape[1], NUM_COND_TOKENS + z.shape[2]
+        x = self._tokens(z, actions, states, action_to_patches)
+        tables = ac_rope_tables(t, self.grid_hw, self.width // self.heads, self.rope_layout)
+        return self._outputs(self.blocks(x, tables, None, mask=jnp.asarray(block_causal_mask(t, per_step))), t)
+
+    def extend(self, z: jax.Array, actions: jax.Array, states: jax.Array, cache: tuple | None = None, *,
+               action_to_patches: bool = False) -> tuple[jax.Array, jax.Array, tuple]:
+        """__call__'s outputs for T new steps after the M / (2 + N) steps held in `cache` (their keys and values
+        per block, from an earlier call; None: no earlier steps), without recomputing the earlier steps: block-
+        causal attention never lets them see later ones. Rollouts extend one step at a time, so each imagined
+        step costs one step's tokens. Returns (patches, states, the cache of every step so far); a cache of
+        batch 1 serves any batch (observed context shared by all of a planner's samples)."""
+        t, per_step = z.shape[1], NUM_COND_TOKENS + z.shape[2]
+        start = 0 if cache is None else cache[0].shape[3] // per_step
+        x = self._tokens(z, actions, states, action_to_patches)
+        cos, sin = ac_rope_tables(start + t, self.grid_hw, self.width // self.heads, self.rope_layout)
+        tables = (cos[start * per_step:], sin[start * per_step:])
+        mask = np.concatenate([np.ones((t * per_step, start * per_step), bool), block_causal_mask(t, per_step)], 1)
+        x, cache = self.blocks.extend(x, tables, jnp.asarray(mask), cache)
+        return (*self._outputs(x, t), cache)
+
+    def _tokens(self, z, actions, states, action_to_patches: bool) -> jax.Array:
+        """Inputs -> the token sequence [B, T * (2 + N), w]: per step the action, state and patch tokens."""
         b, t, n, e = z.shape
         if n != self.grid_hw[0] * self.grid_hw[1] or e != self.encoder_width:
             raise ValueError(f"z must be [B, T, {self.grid_hw[0] * self.grid_hw[1]}, {self.encoder_width}], "
@@ -97,11 +120,13 @@ class ACPredictor(nnx.Module):
         if action_to_patches:
             p = p + a[:, :, None]
         x = jnp.concatenate([a[:, :, None], s[:, :, None], p], axis=2)            # [B, T, 2 + N, w]
-        per_step = NUM_COND_TOKENS + n
-        x = x.reshape(b, t * per_step, self.width)
-        tables = ac_rope_tables(t, self.grid_hw, self.width // self.heads, self.rope_layout)
-        x = self.blocks(x, tables, None, mask=jnp.asarray(block_causal_mask(t, per_step)))
-        x = layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], d).reshape(b, t, per_step, self.width)
+        return x.reshape(b, t * (NUM_COND_TOKENS + n), self.width)
+
+    def _outputs(self, x: jax.Array, t: int) -> tuple[jax.Array, jax.Array]:
+        """Block outputs [B, T * (2 + N), w] -> (next-patch predictions, next-state predictions), float32."""
+        d = self.dtype
+        x = layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], d)
+        x = x.reshape(x.shape[0], t, x.shape[1] // t, self.width)
         patches = layers.dense(x[:, :, NUM_COND_TOKENS:], self.proj_kernel[...], self.proj_bias[...], d)
         state = layers.dense(x[:, :, 1], self.state_proj_kernel[...], self.state_proj_bias[...], d)
         return patches.astype(jnp.float32), state.astype(jnp.float32)

@@ -12,8 +12,11 @@ array per op instead of several autodiff intermediates: on CPU the step is bound
 matmuls as much as by the matmuls.
 
 Dtype policy: parameters float32; matmuls run in the compute dtype (bfloat16 on accelerators, float32 on
-CPU); LayerNorm, softmax and RoPE run in float32; the residual stream stays float32 (as under PyTorch autocast,
-where bfloat16 matmul outputs are added to a float32 residual).
+CPU); LayerNorm (statistics and affine), softmax and RoPE run in float32; the residual stream is float32 by
+default (as under PyTorch autocast, where bfloat16 matmul outputs are added to a float32 residual), or the
+compute dtype (`residual_dtype`): on accelerators the float32 residual's adds, casts and LayerNorm inputs are
+memory-bound elementwise fusions, and a bfloat16 stream halves their traffic and the activations kept for the
+backward pass.
 
 Block (pre-LN, as the reference): x += proj(attn(rope(qkv(LN1(x))))); x += fc2(gelu(fc1(LN2(x)))).
 Parameter layout per block (Linear kernels are (in, out), i.e. the transpose of the reference's (out, in)):
@@ -33,11 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jepa import sharding
 from jepa.models import rope as rope_lib
 
 LN_EPS = 1e-6
 INIT_STD = 0.02
 REMAT_POLICIES = ("none", "full", "dots")
+RESIDUAL_DTYPES = ("float32", "compute")  # config.model.residual_dtype: float32 or the compute dtype
 
 
 def trunc_normal(key: jax.Array, shape, std: float = INIT_STD, dtype=jnp.float32) -> jax.Array:
@@ -156,8 +161,19 @@ def remat_policy(remat: str):
 
 def block_forward(x: jax.Array, p: dict, cos_q, sin_q, cos_k, sin_k, *, heads: int, dtype,
                   attention_impl: str = "einsum", mask: jax.Array | None = None) -> jax.Array:
-    """One pre-LN transformer block on the float32 residual x [B, N, w]; p holds one block's parameters;
-    RoPE tables [B or 1, 1, N, R] (cos_q / sin_q carry the attention scale 1/sqrt(head_dim))."""
+    """One pre-LN transformer block on the residual x [B, N, w] (float32 or the compute dtype: the residual adds
+    keep x's dtype); p holds one block's parameters; RoPE tables [B or 1, 1, N, R] (cos_q / sin_q carry the
+    attention scale 1/sqrt(head_dim))."""
+    return cached_block_forward(x, p, cos_q, sin_q, cos_k, sin_k, heads=heads, dtype=dtype,
+                                attention_impl=attention_impl, mask=mask)[0]
+
+
+def cached_block_forward(x: jax.Array, p: dict, cos_q, sin_q, cos_k, sin_k, *, heads: int, dtype,
+                         attention_impl: str = "einsum", mask: jax.Array | None = None,
+                         prefix: tuple[jax.Array, jax.Array] | None = None):
+    """block_forward that also attends to `prefix`, the keys and values [B or 1, H, M, hd] of M earlier tokens
+    (a KV cache: their outputs are not recomputed), with mask [N, M + N]. Returns (x, (keys, values) of all
+    M + N tokens), so the caller can extend the cache."""
     b, n, w = x.shape
     hd = w // heads
     h = layer_norm(x, p["norm1_scale"], p["norm1_bias"], dtype)
@@ -166,13 +182,16 @@ def block_forward(x: jax.Array, p: dict, cos_q, sin_q, cos_k, sin_k, *, heads: i
     qkv = jnp.einsum("bnw,wshd->sbhnd", h, qkv_kernel)
     qkv = qkv + p["qkv_bias"].reshape(3, 1, heads, 1, hd).astype(dtype)
     q = rope_lib.apply_rope(qkv[0], cos_q, sin_q)
-    k = rope_lib.apply_rope(qkv[1], cos_k, sin_k)
-    o = attention(q, k, qkv[2], attention_impl, mask)                            # [B, H, N, hd]
+    k, v = rope_lib.apply_rope(qkv[1], cos_k, sin_k), qkv[2]
+    if prefix is not None:
+        k, v = (jnp.concatenate([jnp.broadcast_to(old, (b, *old.shape[1:])).astype(new.dtype), new], axis=2)
+                for old, new in zip(prefix, (k, v)))
+    o = attention(q, k, v, attention_impl, mask)                                 # [B, H, N, hd]
     proj = jnp.einsum("bhnd,hdw->bnw", o, p["proj_kernel"].reshape(heads, hd, w).astype(dtype))
-    x = x + (proj + p["proj_bias"].astype(dtype)).astype(jnp.float32)
+    x = x + (proj + p["proj_bias"].astype(dtype)).astype(x.dtype)
     h = layer_norm(x, p["norm2_scale"], p["norm2_bias"], dtype)
     h = gelu(dense(h, p["fc1_kernel"], p["fc1_bias"], dtype))
-    return x + dense(h, p["fc2_kernel"], p["fc2_bias"], dtype).astype(jnp.float32)
+    return x + dense(h, p["fc2_kernel"], p["fc2_bias"], dtype).astype(x.dtype), (k, v)
 
 
 class Blocks(nnx.Module):
@@ -180,7 +199,7 @@ class Blocks(nnx.Module):
 
     def __init__(self, *, width: int, depth: int, heads: int, mlp_dim: int | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", scan: bool = True, attention_impl: str = "einsum",
-                 rngs: nnx.Rngs):
+                 residual_dtype=jnp.float32, rngs: nnx.Rngs):
         mlp_dim = mlp_dim or 4 * width  # None or 0: the usual 4x expansion
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
@@ -195,6 +214,9 @@ class Blocks(nnx.Module):
         remat_policy(remat)  # validates
         self.width, self.depth, self.heads, self.mlp_dim = width, depth, heads, mlp_dim
         self.dtype, self.remat, self.scan, self.attention_impl = dtype, remat, scan, attention_impl
+        self.residual_dtype = jnp.dtype(residual_dtype)
+        if not jnp.issubdtype(self.residual_dtype, jnp.floating):
+            raise ValueError(f"residual_dtype must be a float dtype, got {self.residual_dtype}")
         d, w, m = depth, width, mlp_dim
         # Residual branches of block i (1-based) are divided by sqrt(2 i), as the reference's _rescale_blocks.
         rescale = (1.0 / np.sqrt(2.0 * np.arange(1, d + 1))).astype(np.float32)[:, None, None]
@@ -228,7 +250,7 @@ class Blocks(nnx.Module):
 
     def __call__(self, x: jax.Array, rope_tables: tuple, token_idx: jax.Array | None,
                  mask: jax.Array | None = None, return_layers: Sequence[int] = ()):
-        """x [B, N, w] (any float dtype; the residual runs in float32) -> float32 [B, N, w].
+        """x [B, N, w] (any float dtype) -> [B, N, w] in the residual dtype (the stream runs in it).
 
         rope_tables: (cos, sin) numpy [L, R] over the whole grid (unscaled); token_idx [B, N] picks each token's
         row, or None when x holds every grid token in order. mask: optional bool [N, N], True where query i
@@ -245,8 +267,10 @@ class Blocks(nnx.Module):
         params = {name: getattr(self, name)[...] for name in self.PARAM_NAMES}
 
         def body(carry, p):
-            return block_forward(carry, p, cos_q, sin_q, cos_k, sin_k, heads=self.heads, dtype=self.dtype,
-                                 attention_impl=self.attention_impl, mask=mask), None
+            # Block boundaries pin the residual stream to the batch axes (no-op without a multi-device mesh).
+            x = block_forward(sharding.constrain_activations(carry), p, cos_q, sin_q, cos_k, sin_k, heads=self.heads,
+                              dtype=self.dtype, attention_impl=self.attention_impl, mask=mask)
+            return sharding.constrain_activations(x), None
 
         policy = remat_policy(self.remat)
         if policy is not None:
@@ -260,7 +284,7 @@ class Blocks(nnx.Module):
                 x, _ = body(x, jax.tree.map(lambda a, i=i: a[i], params))
             return x
 
-        x = x.astype(jnp.float32)
+        x = x.astype(self.residual_dtype)
         if not return_layers:
             return run(x, 0, self.depth)
         layers = self.resolve_layers(return_layers)
@@ -271,3 +295,34 @@ class Blocks(nnx.Module):
                 outputs[stop] = x
             start = stop + 1
         return x, outputs
+
+    def extend(self, x: jax.Array, rope_tables: tuple, mask: jax.Array, cache: tuple | None = None):
+        """Incremental (KV-cached) forward for causal inference: x [B, N, w] are new tokens that attend to the
+        cached keys / values of M earlier tokens and to each other as `mask` [N, M + N] allows; rope_tables:
+        (cos, sin) [N, R] at the new tokens' positions. cache: (keys, values) [depth, B or 1, H, M, hd], or None
+        (M = 0). Returns (the residual stream [B, N, w], the cache of all M + N tokens): what __call__ on the whole
+        sequence gives for the new tokens when earlier tokens never attend to later ones."""
+        hd = self.width // self.heads
+        cos_k, sin_k = (t[:, None] for t in rope_lib.token_tables(rope_tables, None))
+        cos_q, sin_q = cos_k * (1.0 / math.sqrt(hd)), sin_k * (1.0 / math.sqrt(hd))
+        params = {name: getattr(self, name)[...] for name in self.PARAM_NAMES}
+
+        def body(x, xs):
+            p, prefix = xs
+            x, kv = cached_block_forward(sharding.constrain_activations(x), p, cos_q, sin_q, cos_k, sin_k,
+                                         heads=self.heads, dtype=self.dtype, attention_impl=self.attention_impl,
+                                         mask=mask, prefix=prefix)
+            return sharding.constrain_activations(x), kv
+
+        policy = remat_policy(self.remat)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
+        x = x.astype(self.residual_dtype)
+        if self.scan:
+            return jax.lax.scan(body, x, (params, cache))
+        keys, values = [], []
+        for i in range(self.depth):
+            x, (k, v) = body(x, jax.tree.map(lambda a, i=i: a[i], (params, cache)))
+            keys.append(k)
+            values.append(v)
+        return x, (jnp.stack(keys), jnp.stack(values))

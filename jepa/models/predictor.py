@@ -33,7 +33,7 @@ class Predictor(nnx.Module):
     def __init__(self, *, encoder_width: int, width: int = 384, depth: int = 12, heads: int = 12,
                  mlp_dim: int | None = None, num_mask_tokens: int = 10, grid: Sequence[int],
                  rope_layout: str = "reference", dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 scan: bool = True, attention_impl: str = "einsum", rngs: nnx.Rngs):
+                 scan: bool = True, attention_impl: str = "einsum", residual_dtype=jnp.float32, rngs: nnx.Rngs):
         if encoder_width <= 0:
             raise ValueError(f"encoder_width must be positive, got {encoder_width}")
         if num_mask_tokens <= 0:
@@ -43,7 +43,7 @@ class Predictor(nnx.Module):
             raise ValueError(f"grid must be three positive sizes (T', H', W'), got {grid}")
         self.blocks = layers.Blocks(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dtype=dtype,
                                     param_dtype=param_dtype, remat=remat, scan=scan,
-                                    attention_impl=attention_impl, rngs=rngs)
+                                    attention_impl=attention_impl, residual_dtype=residual_dtype, rngs=rngs)
         self.encoder_width, self.width, self.depth, self.heads = encoder_width, width, depth, heads
         self.mlp_dim, self.num_mask_tokens, self.grid = self.blocks.mlp_dim, num_mask_tokens, grid
         self.rope_layout, self.dtype = rope_lib.check_layout(rope_layout), dtype

@@ -76,7 +76,7 @@ class VisionTransformer(nnx.Module):
     def __init__(self, *, width: int, depth: int, heads: int, mlp_dim: int, patch_size: int = 16,
                  tubelet_size: int = 2, in_channels: int = 3, rope_layout: str = "reference", dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", scan: bool = True, attention_impl: str = "einsum",
-                 rngs: nnx.Rngs):
+                 residual_dtype=jnp.float32, rngs: nnx.Rngs):
         if patch_size <= 0 or tubelet_size <= 0 or in_channels <= 0:
             raise ValueError(f"patch_size ({patch_size}), tubelet_size ({tubelet_size}) and in_channels "
                              f"({in_channels}) must be positive")
@@ -86,7 +86,7 @@ class VisionTransformer(nnx.Module):
         self.dtype = dtype
         self.blocks = layers.Blocks(width=width, depth=depth, heads=heads, mlp_dim=mlp_dim, dtype=dtype,
                                     param_dtype=param_dtype, remat=remat, scan=scan,
-                                    attention_impl=attention_impl, rngs=rngs)
+                                    attention_impl=attention_impl, residual_dtype=residual_dtype, rngs=rngs)
         # Conv3d weight as (t, p, p, C, width): the matmul kernel after a free reshape (see module docstring).
         self.patch_kernel = nnx.Param(layers.trunc_normal(
             rngs.params(), (tubelet_size, patch_size, patch_size, in_channels, width), dtype=param_dtype))
