@@ -39,7 +39,6 @@ nominal blocks acted on, over the per-signal quantile)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -359,13 +358,6 @@ class Shift:
             self._restore = None
 
 
-def write_jsonl(path, records: Sequence[dict]) -> None:
-    """One JSON object per line (local or object store), the folder created first."""
-    target = workdir_lib.path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
 # ---------------------------------------------------------------- calibration
 
 
@@ -653,7 +645,7 @@ def run_benchmark(model: WorldModel, ensemble: Ensemble | None, *, heads: dict |
         out = workdir_lib.path(output)
         workdir_lib.write_json(out / "guard_benchmark.json", results)
         (out / "guard_benchmark.md").write_text(format_markdown(results))
-        write_jsonl(out / "decisions.jsonl", records)
+        workdir_lib.write_jsonl(out / "decisions.jsonl", records)
         plot_risk_coverage(curves, out / "risk_coverage.png")
     return results
 

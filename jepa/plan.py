@@ -632,8 +632,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if output.value:
             workdir_lib.write_json(workdir_lib.path(output.value) / f"plan_{domain.value}_{policy.value}.json", result)
             if decisions is not None:
-                from jepa.guard import write_jsonl
-                write_jsonl(workdir_lib.path(output.value) / f"guard_{domain.value}_{policy.value}.jsonl", decisions)
+                workdir_lib.write_jsonl(workdir_lib.path(output.value) / f"guard_{domain.value}_{policy.value}.jsonl",
+                                        decisions)
     return result
 
 

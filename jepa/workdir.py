@@ -63,6 +63,14 @@ def write_json(p: str | os.PathLike, obj, indent: int = 1) -> epath.Path:
     return target
 
 
+def write_jsonl(p: str | os.PathLike, records) -> epath.Path:
+    """Records as one JSON object per line (decision logs), the folder created first; local or object store."""
+    target = path(p)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return target
+
+
 def write_png(p: str | os.PathLike, fig) -> epath.Path:
     """A matplotlib figure as a PNG result file (closed afterwards), its folder created first; local or on an
     object store."""
