@@ -331,17 +331,24 @@ def resimulate(domain: int | str, seed: int, state, actions, resolution: int = 6
 # ---------------------------------------------------------------- faults injected into a running episode
 
 # Changes of the world or of an actuator that the guard's benchmark injects mid-episode (jepa/guard.py).
-FAULTS = ("actuator_inverted", "actuator_dead", "actuator_weak", "mass", "camera")
+FAULTS = ("actuator_inverted", "actuator_dead", "actuator_weak", "mass", "camera", "obstacle")
 ACTUATOR_FAULTS = ("actuator_inverted", "actuator_dead", "actuator_weak")
 _FAULT_GEAR = {"actuator_inverted": -1.0, "actuator_dead": 0.0, "actuator_weak": 0.3}
 
 
-def inject_fault(env: WorldEnv, kind: str, actuator: int = 0) -> Callable[[], None]:
+OBSTACLE_HALF_SIZE = 0.03   # m: the "obstacle" fault's box, as wide as point_mass's point
+
+
+def inject_fault(env: WorldEnv, kind: str, actuator: int = 0, at=None) -> Callable[[], None]:
     """Change the running `env`'s model in place from its next step on and return the function that restores it.
     kind: "actuator_inverted" / "actuator_dead" / "actuator_weak" (gear of `actuator` times -1 / 0 / 0.3), "mass"
-    (every body 5x heavier, as changed_env's mass_scale=5) or "camera" (the dataset camera moved 10% of its height
-    sideways: the frames change, the dynamics do not). The physics state is untouched, so the episode goes on."""
+    (every body 5x heavier, as changed_env's mass_scale=5), "camera" (the dataset camera moved 10% of its height
+    sideways: the frames change, the dynamics do not) or "obstacle" (a new box the effector collides with, centred
+    at `at` = (x, y), default 9 cm ahead of the effector along its motion). The physics state is untouched, so the
+    episode goes on."""
     model = env.physics.model
+    if kind == "obstacle":
+        return _add_obstacle(env, at)
     if kind in _FAULT_GEAR:
         if not 0 <= actuator < env.action_dim:
             raise ValueError(f"actuator: {actuator} is not an actuator of {env.domain} (0..{env.action_dim - 1})")
@@ -374,3 +381,65 @@ def _recompute_constants(env: WorldEnv) -> None:
     body_mass alone would not change the dynamics. A scratch MjData, as mj_setConst overwrites the one it gets."""
     import mujoco
     mujoco.mj_setConst(env.physics.model.ptr, mujoco.MjData(env.physics.model.ptr))
+
+
+def _add_obstacle(env: WorldEnv, at) -> Callable[[], None]:
+    """Swap the running env's physics for the same model compiled with one more world geom (MuJoCo cannot add a
+    geom to a compiled model), carrying over the episode's model edits (target placement, geom sizes) and its
+    state; the restore function swaps the original back with the state reached, so the episode goes on."""
+    import mujoco
+    from dm_control import suite
+    old = env.physics
+    if at is None:
+        pos = env.effector_position()
+        velocity = np.zeros(6)
+        mujoco.mj_objectVelocity(old.model.ptr, old.data.ptr, mujoco.mjtObj.mjOBJ_GEOM,
+                                 old.model.geom(env.effector).id, velocity, 0)
+        heading = velocity[3:5] if np.linalg.norm(velocity[3:5]) > 1e-6 else np.array([1.0, 0.0])
+        at = pos + 0.09 * heading / np.linalg.norm(heading)
+    x, y = (float(v) for v in np.asarray(at, np.float64).reshape(2))
+    xml, assets = getattr(suite, env.domain).get_model_and_assets()
+    xml = xml.decode() if isinstance(xml, bytes) else xml
+    h = OBSTACLE_HALF_SIZE
+    geom = f'<geom name="fault_obstacle" type="box" pos="{x} {y} {h}" size="{h} {h} {h}" rgba="0.9 0.5 0.1 1"/>'
+    if xml.count("</worldbody>") != 1:
+        raise ValueError(f"fault kind: 'obstacle' cannot be placed in {env.domain}'s model")
+    new = type(old).from_xml_string(xml.replace("</worldbody>", geom + "</worldbody>"), assets)
+    for i in range(old.model.ngeom):   # geoms moved or resized by the task or the domain spec
+        name = old.model.geom(i).name
+        if name:
+            j = new.model.geom(name).id
+            for field in ("geom_pos", "geom_quat", "geom_size", "geom_rgba"):
+                getattr(new.model, field)[j] = getattr(old.model, field)[i]
+    # These domains simulate without contacts; turn them on for the obstacle alone: every other geom gets contype
+    # bit 2 and no affinity, the obstacle affinity bit 2, so the only possible pairs are (moving geom, obstacle)
+    # (the world's geoms share the obstacle's body, which MuJoCo never collides with itself).
+    obstacle = new.model.geom("fault_obstacle").id
+    new.model.geom_contype[:], new.model.geom_conaffinity[:] = 2, 0
+    new.model.geom_contype[obstacle], new.model.geom_conaffinity[obstacle] = 0, 2
+    new.model.opt.disableflags &= ~int(mujoco.mjtDisableBit.mjDSBL_CONTACT)
+    _carry_state(old, new)
+    physics_before, scratch = env.physics, getattr(env, "_scratch", None)
+
+    def swap(physics) -> None:
+        env.physics = env.env._physics = physics
+        env._scratch = None   # simulate() copies the physics it plans on
+
+    swap(new)
+
+    def restore() -> None:
+        _carry_state(new, physics_before)
+        swap(physics_before)
+        env._scratch = scratch
+        new.free()
+    return restore
+
+
+def _carry_state(src, dst) -> None:
+    """Copy the dynamic state (time, qpos, qvel, actuator state and controls) between two physics of models with
+    the same joints and actuators, and recompute what derives from it."""
+    import mujoco
+    dst.data.time = src.data.time
+    for field in ("qpos", "qvel", "act", "ctrl", "qacc_warmstart"):
+        getattr(dst.data, field)[:] = getattr(src.data, field)
+    mujoco.mj_forward(dst.model.ptr, dst.data.ptr)

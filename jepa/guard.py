@@ -27,7 +27,8 @@ noise does not) and takes the best hypothesis. A score above the margin (the `pl
 nominal episodes' scores) names the fault: that hypothesis ("actuator 0 inverted").
 
 The benchmark runs seeded episodes per domain, a fault injected at the middle block of every other one
-(jepa.envs.inject_fault: an actuator inverted, dead or weakened, every body 5x heavier, the camera moved), each
+(jepa.envs.inject_fault: an actuator inverted, dead or weakened, every body 5x heavier, the camera moved, a new
+obstacle), each
 episode twice on the same seed: unguarded (the gate logs, never refuses) and guarded. It reports the detection
 AUROC of the consequence score and of surprise per fault (faulty episodes' largest score from the fault on vs
 nominal episodes' over the same blocks), the median delay to detection in environment steps, false alarms on

@@ -78,11 +78,13 @@ def test_kills_and_damage_end_exactly_where_an_undisturbed_run_ends(tmp_path, wo
         proc = _start(workdir, world_dir, jax_cache)
         if attempt == 0:  # during start-up / compilation
             time.sleep(rng.uniform(2.0, 5.0))
-        else:  # mid-run, after a little progress: during a step or (often) a save, since every step saves
-            done = len(_records(workdir)) if (workdir / "metrics.jsonl").exists() else 0
+        else:  # mid-run, after new saves past the resumed step: during a step or (often) a save
+            # (progress is counted in saved steps, not metric records: a resume drops records past its step, and
+            # damage rounds remove steps, so a record count would stall and let damage eat every checkpoint)
+            start = _saved_steps(workdir)[-1] if _saved_steps(workdir) else 0
             deadline = time.time() + 300
             while proc.poll() is None and time.time() < deadline and (
-                    not (workdir / "metrics.jsonl").exists() or len(_records(workdir)) < min(done + 3, STEPS - 4)):
+                    not _saved_steps(workdir) or _saved_steps(workdir)[-1] < min(start + 3, STEPS - 1)):
                 time.sleep(0.2)
             time.sleep(rng.uniform(0.0, 1.0))
         sig = signal.SIGTERM if attempt in (3, 6) else signal.SIGKILL
@@ -91,9 +93,11 @@ def test_kills_and_damage_end_exactly_where_an_undisturbed_run_ends(tmp_path, wo
         log.append((attempt, sig.name, proc.returncode, _saved_steps(workdir)))
         if sig == signal.SIGTERM:
             assert proc.returncode == 42, child_error(err)
-        newest = workdir / "checkpoints" / str(_saved_steps(workdir)[-1]) if _saved_steps(workdir) else None
-        # (a kill in the moment between a finished save and its seal leaves the newest unsealed: skip it then)
-        if damages and attempt % 2 == 0 and newest is not None and (newest / "CHECKSUMS.json").exists():
+        saved = _saved_steps(workdir)
+        newest = workdir / "checkpoints" / str(saved[-1]) if saved else None
+        # Damage only a sealed newest step with an older step to fall back to (a kill between a finished save and
+        # its seal leaves the newest unsealed: skip it then).
+        if damages and attempt % 2 == 0 and len(saved) >= 2 and (newest / "CHECKSUMS.json").exists():
             damaged_step = int(newest.name)
             damages.pop(0)(workdir)  # the next start must name the damage and fall back to an older step
             proc = _start(workdir, world_dir, jax_cache, "--config.train.stop_at=1")  # restore, train nothing

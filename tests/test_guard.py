@@ -232,6 +232,35 @@ def test_injected_faults_change_the_running_episode_and_are_undone(domain):
         env.close()
 
 
+@pytest.mark.parametrize("domain", ["reacher", "point_mass"])
+def test_a_new_obstacle_stops_the_effector_that_passes_freely_without_it(domain):
+    """The obstacle fault turns contacts on for its box alone: driven at it, the effector never gets past the box's
+    centre (along the line from where the fault began to the box), where the nominal episode passes it."""
+    from jepa.envs import OBSTACLE_HALF_SIZE, inject_fault, make_env
+    a = np.array([1.0, 0.0])
+    env = make_env(domain, 3, 64)
+
+    def furthest(box=None):
+        env.reset(3)
+        for _ in range(2):
+            env.step(a)
+        start, restore = env.effector_position(), None
+        if box is None:
+            restore = inject_fault(env, "obstacle")
+            box = env.physics.named.model.geom_pos["fault_obstacle"][:2].copy()
+        heading = (box - start) / np.linalg.norm(box - start)
+        past = [float((env.step(a) and env.effector_position() - box) @ heading) for _ in range(8)]
+        if restore:
+            restore()
+        return max(past), box
+    try:
+        blocked, box = furthest()
+        free, _ = furthest(box)
+    finally:
+        env.close()
+    assert blocked < 0 and free > OBSTACLE_HALF_SIZE / 2, (blocked, free)
+
+
 def run_module(module, *args, timeout=900):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
