@@ -51,4 +51,5 @@ def test_world_model_notebook_executes_with_tiny_settings(tmp_path, world_dir, t
     monkeypatch.setenv("PYTHONPATH", REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     text, images = execute(WORLD_MODEL_NOTEBOOK)
     assert "trained to step 30" in text and "distance to the goal" in text and "surprise at the event" in text
+    assert "the gate refused" in text and "block 0: " in text
     assert len(images) == 3  # episode frames, the energy/distance/surprise curves, the teleport plot
