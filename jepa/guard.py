@@ -244,6 +244,34 @@ class Consequences:
                 "hypothesis": cands[1 + best][0], "error": float(err_z[0])}
 
 
+class SimulatorConsequences:
+    """The consequence check of a perfect world model (the benchmark's oracle row): each candidate block replayed
+    from the true state before it in the dataset's simulator (jepa.envs.resimulate), its error the mean |state
+    difference| to the observed state after it. What the learned check would reach with exact predictions, so
+    the benchmark can tell the model's share of a miss from the check's."""
+
+    def __init__(self, domain: str, resolution: int = 64):
+        self.domain, self.resolution = domain, int(resolution)
+
+    def check(self, z, states: np.ndarray | None, past_actions, block: np.ndarray, observed,
+              observed_state: np.ndarray | None = None) -> dict:
+        """As Consequences.check; reads only the true states: `states` [k, S] (the last: before the block) and
+        `observed_state` [S] (after it)."""
+        from jepa.envs import resimulate
+        if states is None or observed_state is None:
+            raise ValueError("SimulatorConsequences: needs the true states before and after the block")
+        cands = counterfactuals(block)
+        before, seen = np.asarray(states)[-1], np.asarray(observed_state, np.float64)
+        err = np.array([np.mean(np.abs(resimulate(self.domain, 0, before, c, self.resolution)[1][-1] - seen))
+                        for _, c in cands])
+        # Relative to the larger error, so each block's evidence lies in [-1, 1]: the executed block replays to
+        # rounding, and 1 - err / err[0] would let one nominal block outweigh any number of faulty ones in the sum.
+        evidence = (err[0] - err[1:]) / np.maximum(np.maximum(err[0], err[1:]), 1e-9)
+        best = int(np.argmax(evidence))
+        return {"evidence": evidence, "hypotheses": [name for name, _ in cands[1:]], "score": float(evidence[best]),
+                "hypothesis": cands[1 + best][0], "error": float(err[0])}
+
+
 _CONSEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -259,13 +287,16 @@ class Guard:
 
     def __init__(self, model: WorldModel, *, ensemble: Ensemble | None = None,
                  settings: GuardSettings | None = None, thresholds: Thresholds | None = None,
-                 violation: Callable[..., float] | None = None, enforce: bool = True):
+                 violation: Callable[..., float] | None = None, enforce: bool = True,
+                 consequences: Consequences | SimulatorConsequences | None = None):
         self.model, self.ensemble, self.violation, self.enforce = model, ensemble, violation, enforce
         self.settings = settings or GuardSettings()
         self.thresholds = thresholds or Thresholds()
-        if model not in _CONSEQUENCES:  # one compiled check per model, however many guards use it
-            _CONSEQUENCES[model] = Consequences(model)
-        self.consequences = _CONSEQUENCES[model]
+        if consequences is None:
+            if model not in _CONSEQUENCES:  # one compiled check per model, however many guards use it
+                _CONSEQUENCES[model] = Consequences(model)
+            consequences = _CONSEQUENCES[model]
+        self.consequences = consequences
         self.reset(0)
 
     def reset(self, seed: int) -> None:
@@ -421,18 +452,19 @@ def run_guarded(guard: Guard, model: WorldModel, domain: str, seeds: Sequence[in
 
 def calibrate(model: WorldModel, domain: str, config, *, ensemble: Ensemble | None = None,
               rules: EpisodeRules | None = None, violation: Callable[..., float] | None = None,
-              seeds: Sequence[int] | None = None, first_seed: int = 1000, progress: bool = False
-              ) -> tuple[Thresholds, dict]:
+              seeds: Sequence[int] | None = None, first_seed: int = 1000, progress: bool = False,
+              consequences: Consequences | SimulatorConsequences | None = None) -> tuple[Thresholds, dict]:
     """Thresholds for `domain` from nominal planning episodes (default: plan.guard_calibration_episodes from a
     seed range of their own), the gate only watching: per-signal thresholds at the quantile that acts on
     plan.guard_coverage of their blocks, the fault margin at plan.guard_fault_quantile of their consequence
-    scores. Returns (thresholds, {signal: [nominal values]})."""
+    scores (of `consequences`, default the model's own check). Returns (thresholds, {signal: [nominal values]})."""
     from jepa.plan import episode_seeds
     settings = GuardSettings.from_config(config.plan)
     if seeds is None:
         seeds = episode_seeds(domain, settings.calibration_episodes, int(config.plan.goal_steps),
                               int(config.data.resolution), first=int(first_seed) + 100_000)
-    watcher = Guard(model, ensemble=ensemble, settings=settings, violation=violation, enforce=False)
+    watcher = Guard(model, ensemble=ensemble, settings=settings, violation=violation, enforce=False,
+                    consequences=consequences)
     episodes = run_guarded(watcher, model, domain, seeds, config, rules=rules, label="calibration",
                            progress=progress)
     rows = [r for e in episodes for r in e["guard"]]
@@ -578,24 +610,25 @@ def summarize_domain(watched: Sequence[dict], guarded: Sequence[dict], at: int, 
 
 def benchmark(workdir: str, ensemble_workdirs: Sequence[str] = (), *, domains: Sequence[str] = ("point_mass",
               "reacher"), episodes: int = 50, faults: Sequence[str] | None = None, first_seed: int = 1000,
-              output: str = "", config=None, progress: bool = True) -> dict:
+              output: str = "", config=None, progress: bool = True, oracle_consequences: bool = False) -> dict:
     """Shift detection and the gate with the run in `workdir` and its ensemble (see run_benchmark); the
     predicted-violation signal from the run's constraint readout when it has one."""
     model = WorldModel.load(workdir)
     ensemble = Ensemble.load(model, workdir, ensemble_workdirs) if ensemble_workdirs else None
     return run_benchmark(model, ensemble, heads={d: readout_head(workdir, d) for d in domains}, domains=domains,
                          episodes=episodes, faults=faults, first_seed=first_seed, output=output, config=config,
-                         progress=progress)
+                         progress=progress, oracle_consequences=oracle_consequences)
 
 
 def run_benchmark(model: WorldModel, ensemble: Ensemble | None, *, heads: dict | None = None,
                   domains: Sequence[str] = ("point_mass", "reacher"), episodes: int = 50,
                   faults: Sequence[str] | None = None, first_seed: int = 1000, output: str = "", config=None,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, oracle_consequences: bool = False) -> dict:
     """Shift detection and the gate on each domain's seeded episodes (jepa.constraints.benchmark_seeds: each with
     its measured rule), a fault from `faults` (default jepa.envs.FAULTS, in turn) injected at the middle block of
     every other episode; every episode watched (unguarded) and guarded, on the same seed. heads: {domain: the
-    constraint readout head or None} for the predicted-violation signal."""
+    constraint readout head or None} for the predicted-violation signal. oracle_consequences: the consequence
+    check replays its hypotheses in the true simulator (SimulatorConsequences) instead of the world model."""
     from jepa import constraints
     from jepa.envs import FAULTS
     faults = tuple(faults or FAULTS)
@@ -612,7 +645,8 @@ def run_benchmark(model: WorldModel, ensemble: Ensemble | None, *, heads: dict |
     at = blocks // 2
     results: dict = {"settings": {**{k: v for k, v in dict(config.plan).items() if not k.startswith("guard")},
                                   "guard": dataclasses.asdict(settings), "action_block": block,
-                                  "fault_block": at, "blocks": blocks},
+                                  "fault_block": at, "blocks": blocks,
+                                  "consequences": "simulator" if oracle_consequences else "world model"},
                      "ensemble": ensemble.names if ensemble is not None else [], "episodes": episodes,
                      "first_seed": first_seed,
                      "faults": list(faults), "domains": {}}
@@ -621,15 +655,17 @@ def run_benchmark(model: WorldModel, ensemble: Ensemble | None, *, heads: dict |
         rules = EpisodeRules(model, domain, int(config.plan.goal_steps), (heads or {}).get(domain))
         cal_seeds = constraints.benchmark_seeds(domain, settings.calibration_episodes, int(config.plan.goal_steps),
                                                 int(config.data.resolution), first=first_seed + 100_000)
+        check = SimulatorConsequences(domain, int(config.data.resolution)) if oracle_consequences else None
         thresholds, cal = calibrate(model, domain, config, ensemble=ensemble, rules=rules, seeds=cal_seeds,
-                                    progress=progress)
+                                    progress=progress, consequences=check)
         seeds = constraints.benchmark_seeds(domain, episodes, int(config.plan.goal_steps),
                                             int(config.data.resolution), first=first_seed)
         kinds = [None if i % 2 == 0 else faults[(i // 2) % len(faults)] for i in range(len(seeds))]
         watched = run_guarded(Guard(model, ensemble=ensemble, settings=settings, thresholds=thresholds,
-                                    enforce=False), model, domain, seeds, config, shifts=make_shifts(kinds, at),
-                              rules=rules, label="unguarded", progress=progress)
-        guarded = run_guarded(Guard(model, ensemble=ensemble, settings=settings, thresholds=thresholds),
+                                    enforce=False, consequences=check), model, domain, seeds, config,
+                              shifts=make_shifts(kinds, at), rules=rules, label="unguarded", progress=progress)
+        guarded = run_guarded(Guard(model, ensemble=ensemble, settings=settings, thresholds=thresholds,
+                                    consequences=check),
                               model, domain, seeds, config, shifts=make_shifts(kinds, at), rules=rules,
                               label="guarded", progress=progress)
         summary = summarize_domain(watched, guarded, at, block)
@@ -679,7 +715,8 @@ def format_markdown(results: dict) -> str:
     s = results["settings"]
     lines = [f"Episodes per domain: {results['episodes']} (seeds from {results['first_seed']}), a fault injected "
              f"before block {s['fault_block']} of {s['blocks']} (blocks of {s['action_block']} steps) in every other "
-             f"one; ensemble of {len(results['ensemble']) or 'none'}; gate coverage target {s['guard']['coverage']}, "
+             f"one; ensemble of {len(results['ensemble']) or 'none'}; consequences checked by the "
+             f"{s.get('consequences', 'world model')}; gate coverage target {s['guard']['coverage']}, "
              f"{s['guard']['hold_limit']} holds stop, faults named after {s['guard']['fault_blocks']} blocks above "
              f"the {s['guard']['fault_quantile']} quantile.", ""]
     head = ("domain", "fault", "episodes", "AUROC consequence", "AUROC surprise", "detected", "median delay (steps)",
@@ -741,6 +778,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         first_seed = flags.DEFINE_integer("first_seed", 1000, "the episode set: seeds from this one")
         output = flags.DEFINE_string("output", "", "write guard_benchmark.json, .md, decisions.jsonl and "
                                      "risk_coverage.png here")
+        oracle = flags.DEFINE_boolean("oracle_consequences", False, "check consequences in the true simulator (a "
+                                      "perfect world model's check) instead of the world model")
         cli.parse(argv, commands=("benchmark",), command_required=True, required=("workdir",))
         for d in domains.value:
             if d not in PLAN_DOMAINS:
@@ -751,7 +790,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config = config_flag.value
         config_lib.validate(config)
         result = benchmark(workdir.value, ensemble.value, domains=domains.value, episodes=episodes.value,
-                           faults=faults.value, first_seed=first_seed.value, output=output.value, config=config)
+                           faults=faults.value, first_seed=first_seed.value, output=output.value, config=config,
+                           oracle_consequences=oracle.value)
         print(format_markdown(result), end="")
         return result
 

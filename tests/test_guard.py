@@ -261,6 +261,33 @@ def test_a_new_obstacle_stops_the_effector_that_passes_freely_without_it(domain)
     assert blocked < 0 and free > OBSTACLE_HALF_SIZE / 2, (blocked, free)
 
 
+@pytest.mark.parametrize("domain", ["reacher", "point_mass"])
+def test_simulator_consequences_name_an_injected_actuator_fault(domain):
+    """The oracle check replays each hypothesis in the true simulator: a block executed under an inverted actuator
+    is explained by exactly that hypothesis, and a nominal block by none (every hypothesis explains it worse)."""
+    from jepa.envs import inject_fault, make_env
+    check = guard.SimulatorConsequences(domain)
+    block = np.tile(np.array([[0.8, -0.6]], np.float32), (5, 1))
+    env = make_env(domain, 3, 64)
+
+    def executed(fault):
+        env.reset(3)
+        env.step(block[0])
+        before = env.state()
+        restore = inject_fault(env, fault) if fault else None
+        for a in block:
+            after = env.step(a)["state"]
+        if restore:
+            restore()
+        return check.check(None, before[None], None, block, None, observed_state=after)
+    try:
+        faulty, nominal = executed("actuator_inverted"), executed(None)
+    finally:
+        env.close()
+    assert faulty["hypothesis"] == "actuator 0 inverted" and faulty["score"] > 0.9, faulty["score"]
+    assert nominal["score"] < 0 and nominal["error"] < 1e-4, (nominal["score"], nominal["error"])
+
+
 def run_module(module, *args, timeout=900):
     env = dict(os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
