@@ -213,16 +213,19 @@ class ChannelMasker:
     """Multi-block video masks plus a contiguous masked time block per non-video channel and whole-channel dropout,
     with per-type token counts constant by construction (no padding anywhere).
 
-    Per mask type, the video part is the `MultiBlockMasker` union; each non-video channel of T' tokens gets one
-    contiguous block of k = clip(round(T' * nt_v / L_v), 1, T' - 1) time steps at a uniform start, i.e. it is masked
-    in the same proportion as the video is by that type. Counts: num_context = nc_v + sum(T' - k),
-    num_target = nt_v + sum(k). Per sample, a non-video channel is hidden from the context when the data lacks it
-    (`present` False) or with probability `dropout` (drawn once per clip: the same for every mask type). Its tokens
-    then never enter the context; a dropped channel's tokens all count as masked (prediction targets: the EMA
-    encoder sees every available channel), an absent channel's tokens are neither context nor target. The fixed
-    counts are then made up with video tokens by the same rule as MultiBlockMasker (complement first for the
-    context, union first for the targets, uniformly random subsets), which is why video is always present and
-    num_context + num_target <= L_v is required (nc_v is lowered to fit when the quantile counts are larger).
+    Per mask type, the video part is the `MultiBlockMasker` union with its fixed counts (nc_v, nt_v); each non-video
+    channel of T' tokens gets one contiguous block of k = clip(round(T' * nt_v / L_v), 1, T' - 1) time steps at a
+    uniform start: it is masked in the proportion the video is by that type. Counts per clip:
+    num_context = nc_v + sum(T' - k), num_target = nt_v + sum(k).
+
+    A clip that has a channel and keeps it: its T' - k unmasked steps are context and its k masked steps targets,
+    exactly; the video lists are drawn as MultiBlockMasker draws them. A non-video channel is hidden from the context
+    when the clip lacks it (`present` False) or with probability `dropout` (once per clip: the same for every mask
+    type); its context slots then go to video tokens (complement first, then union, uniformly at random, the video
+    rule for filling fixed counts). A dropped channel is wholly masked: all its T' steps are targets (the EMA encoder
+    sees every channel a clip has), the rest of the target slots video union tokens. An absent channel's tokens are
+    neither context nor target; video fills its slots. Video is therefore always present, and
+    nc_v + nt_v + sum(T') <= L_v is required (nc_v is lowered to fit when the quantile counts are larger).
     """
 
     def __init__(self, grid: Sequence[int], specs, channels: Sequence[str], length_quantile: float = 0.1,
@@ -236,52 +239,49 @@ class ChannelMasker:
         self.grid, self.specs = self.video.grid, self.video.specs
         self.offsets = offsets(self.channels, self.grid)
         self.num_tokens = num_tokens(self.channels, self.grid)
-        lv = self.video.num_tokens
-        steps = self.grid[0]
-        extra = self.channels[1:]
+        lv, steps, extra = self.video.num_tokens, self.grid[0], len(self.channels) - 1
+        if steps < 2:
+            raise ValueError(f"grid {self.grid}: a masked time block needs at least 2 time steps")
         self.blocks: dict[str, int] = {}
         self.lengths: dict[str, tuple[int, int]] = {}
         for s in self.specs:
             nc_v, nt_v = self.video.lengths[s.name]
-            k = min(max(int(round(steps * nt_v / lv)), 1), max(steps - 1, 1))
-            nc_v = min(nc_v, lv - nt_v - steps * len(extra))  # every slot can be filled from video alone
+            k = min(max(int(round(steps * nt_v / lv)), 1), steps - 1)
+            nc_v = min(nc_v, lv - nt_v - steps * extra)  # every slot can be filled from video alone
             if nc_v < 1:
                 raise ValueError(f"mask {s.name!r}: {nt_v} video targets leave no context slot for grid "
                                  f"{self.grid} with channels {list(self.channels)}")
             self.blocks[s.name] = k
-            self.lengths[s.name] = (nc_v + (steps - k) * len(extra), nt_v + k * len(extra))
+            self.lengths[s.name] = (nc_v + (steps - k) * extra, nt_v + k * extra)
 
     def __call__(self, batch_size: int, rng: np.random.Generator, present: np.ndarray | None = None):
         """{"<name>/context_idx", "<name>/target_idx"} int32 [B, N] over the joint sequence, for every mask type.
         present: bool [B, C] (channels in order; video's column is ignored), None = every channel present."""
         b, c = int(batch_size), len(self.channels)
         present = np.ones((b, c), bool) if present is None else np.asarray(present, bool).reshape(b, c)
-        # Drawn for every sample whatever its presence, so a clip's masks do not depend on other clips' data.
-        dropped = rng.random((b, c)) < self.dropout
-        available = present.copy()
-        available[:, 0] = True
-        hidden = ~available | dropped
-        hidden[:, 0] = False
+        # Drawn for every clip whatever its presence, so a clip's masks do not depend on other clips' data.
+        dropped = (rng.random((b, c)) < self.dropout) & present
+        absent = ~present
         steps, lv = self.grid[0], self.video.num_tokens
+        t = np.arange(steps)[None]
         out = {}
         for s in self.specs:
             union_v = self.video.draw_blocks(s.name, b, rng).reshape(b, lv)
             k = self.blocks[s.name]
-            parts_union, parts_avail, parts_ctx_ok = [union_v], [np.ones((b, lv), bool)], [np.ones((b, lv), bool)]
+            # Tiers: each list takes its tokens from the lowest tier up, uniformly at random inside a tier; inf never.
+            ctx_tier, tgt_tier = [np.where(union_v, 2.0, 1.0)], [np.where(union_v, 1.0, 2.0)]
             for ci in range(1, c):
                 start = rng.integers(0, steps - k + 1, size=(b, 1))
-                t = np.arange(steps)[None]
                 block = (t >= start) & (t < start + k)
-                parts_union.append(block | hidden[:, ci:ci + 1])
-                parts_avail.append(np.broadcast_to(available[:, ci:ci + 1], (b, steps)))
-                parts_ctx_ok.append(np.broadcast_to(~hidden[:, ci:ci + 1], (b, steps)))
-            union, avail, ctx_ok = (np.concatenate(p, axis=1) for p in (parts_union, parts_avail, parts_ctx_ok))
+                kept = ~(dropped[:, ci:ci + 1] | absent[:, ci:ci + 1])
+                ctx_tier.append(np.where(kept & ~block, 0.0, np.inf))
+                tgt_tier.append(np.where((kept & block) | dropped[:, ci:ci + 1], 0.0, np.inf))
+            ctx_tier, tgt_tier = np.concatenate(ctx_tier, axis=1), np.concatenate(tgt_tier, axis=1)
             nc, nt = self.lengths[s.name]
             key = rng.random((b, self.num_tokens))
-            ctx_key = np.where(ctx_ok, key + union, np.inf)            # complement first, never a hidden token
-            ctx = np.argpartition(ctx_key, nc - 1, axis=1)[:, :nc]
-            tgt_key = np.where(avail, key + ~union, np.inf)            # union first, never an absent token
-            np.put_along_axis(tgt_key, ctx, np.inf, axis=1)
+            ctx = np.argpartition(key + ctx_tier, nc - 1, axis=1)[:, :nc]
+            tgt_key = key + tgt_tier
+            np.put_along_axis(tgt_key, ctx, np.inf, axis=1)                # never a context token
             tgt = np.argpartition(tgt_key, nt - 1, axis=1)[:, :nt]
             ctx.sort(axis=1)
             tgt.sort(axis=1)
