@@ -16,6 +16,10 @@ layer-normalised context-encoder tokens of the (micro-)batch, a hinge pushing ev
 penalty on off-diagonal covariance. They stop the dimensional collapse that short, small-scale runs show (target
 effective rank 45 -> 18 in 500 quick-start steps) and keep motion in the features (README, ablations).
 
+With several observation channels (`config.model.channels`, jepa/models/channels.py) token indices run over the
+joint sequence of all channels' tokens, the EMA encoder sees every channel a clip has (`present` masks the others
+out of its attention) and the context encoder only the context tokens; the loss is unchanged.
+
 Parameters travel as plain nested dicts; the Flax NNX modules are rebuilt from their graph definitions
 inside the jitted functions (`nnx.merge`), which is free at run time.
 """
