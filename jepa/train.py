@@ -246,15 +246,17 @@ def train(config, workdir: str) -> TrainResult:
     lock = data_iter = checkpointer = writer = profiling = None
     try:
         lock = lock_workdir(workdir)
-        # The vector channel's normalisation statistics, from the train split, saved in config.json with the run.
-        # Process 0 first: opening the sources may generate the world dataset.
-        if is_main and channels_lib.ensure_statistics(config):
-            logging.info("vector channel statistics from the train split: std %s",
-                         [round(x, 3) for x in config.data.vector_std])
+        # The vector channel's normalisation statistics, from the train split (or the run's own config.json when it
+        # resumes), saved in config.json with the run. Process 0 first: opening the sources may generate the world
+        # dataset.
+        saved_path = workdir_lib.path(workdir) / "config.json"
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+        if is_main and channels_lib.ensure_statistics(config, saved):
+            logging.info("vector channel statistics: std %s", [round(x, 3) for x in config.data.vector_std])
         if multi_process:
             sharding.sync("jepa: channel statistics")
             if not is_main:
-                channels_lib.ensure_statistics(config)
+                channels_lib.ensure_statistics(config, saved)
         if is_main:
             (workdir_lib.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 

@@ -118,6 +118,16 @@ def test_statistics_give_constant_dimensions_std_one_and_normalised_padding_stay
     assert channels_lib.S_MAX == envs.S_MAX
 
 
+def test_a_resumed_run_keeps_the_statistics_saved_in_its_config():
+    c = load_config("tiny,channels")
+    saved = {"data": {"vector_mean": [0.5] * 32, "vector_std": [2.0] * 32}}
+    assert channels_lib.ensure_statistics(c, saved)
+    assert c.data.vector_mean == (0.5,) * 32 and c.data.vector_std == (2.0,) * 32
+    config_lib.validate(c)
+    assert not channels_lib.ensure_statistics(c, {"data": {"vector_mean": [9.0] * 32, "vector_std": [9.0] * 32}})
+    assert not channels_lib.ensure_statistics(load_config("tiny"), saved)  # video only: nothing to fill
+
+
 # ---------------------------------------------------------------- the video-only path is unchanged
 
 

@@ -195,12 +195,17 @@ def vector_statistics(config, max_records: int = 256) -> tuple[tuple[float, ...]
     return statistics_from_values(np.concatenate(values, axis=0))
 
 
-def ensure_statistics(config) -> bool:
-    """Fills config.data.vector_mean / vector_std from the train data when the vector channel is configured and
-    they are empty (a new run); True when it computed them. The run's config.json then carries them."""
+def ensure_statistics(config, saved: dict | None = None) -> bool:
+    """Fills config.data.vector_mean / vector_std when the vector channel is configured and they are empty: from
+    `saved` (the run's config.json as a dict, when it holds them: a resumed run keeps its statistics), else from the
+    train data; True when it filled them. The run's config.json then carries them."""
     if "vector" not in tuple(config.model.channels) or len(config.data.vector_mean):
         return False
-    mean, std = vector_statistics(config)
+    kept = (saved or {}).get("data", {})
+    if kept.get("vector_mean") and kept.get("vector_std"):
+        mean, std = tuple(kept["vector_mean"]), tuple(kept["vector_std"])
+    else:
+        mean, std = vector_statistics(config)
     with config.unlocked():
         config.data.vector_mean, config.data.vector_std = mean, std
     return True
