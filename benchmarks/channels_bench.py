@@ -5,8 +5,9 @@
     python benchmarks/channels_bench.py --workdir=runs/channels_bench [--steps=500] [--windows=4]
 
 Rows: `video` (the video-only run: every token), `video+vector fused` (every token of both channels),
-`video+vector video tokens` (the multi-channel run's video tokens only: what joint training left in the video
-representation when the series is not read). Runs already in the workdir are reused (resumed to --steps).
+`video+vector: video tokens` (the multi-channel run's video tokens only: what joint training left in the video
+representation) and `video+vector: vector tokens` (its vector tokens only). Runs already in the workdir are reused
+(resumed to --steps).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def _config(arg: str, steps: int):
     return c
 
 
-def _video_tokens(feats: export_lib.Features, num_video: int) -> export_lib.Features:
-    return export_lib.Features(pooled=feats.channels["video"], patches=np.asarray(feats.patches)[:, :num_video],
+def _tokens(feats: export_lib.Features, channel: str, start: int, stop: int) -> export_lib.Features:
+    """The features of one channel's tokens only."""
+    return export_lib.Features(pooled=feats.channels[channel], patches=np.asarray(feats.patches)[:, start:stop],
                                targets=feats.targets, rows=feats.rows, meta=feats.meta)
 
 
@@ -60,13 +62,14 @@ def main(argv=None) -> dict:
             config = runs.load_config(run_dir)
             config.data.eval_mode = "uniform"
             config.data.num_segments = windows.value
+            config.data.num_workers = 0
             params, step = runs.load_encoder(run_dir, config)
             feats = {split: export_lib.embed_split(config, params, split, features=("pooled", "patches"))
                      for split in ("train", "validation", "test")}
             sets = {name if arg == "" else f"{name} fused": feats}
             if arg:
-                num_video = channels_lib.offsets(config.model.channels, feats["train"].meta["grid"])["video"][1]
-                sets[f"{name} video tokens"] = {k: _video_tokens(f, num_video) for k, f in feats.items()}
+                for channel, (a, b) in channels_lib.offsets(config.model.channels, feats["train"].meta["grid"]).items():
+                    sets[f"{name}: {channel} tokens"] = {k: _tokens(f, channel, a, b) for k, f in feats.items()}
             for label, fs in sets.items():
                 r = probe_lib.per_domain_regression(fs, target="states[-1]", probe="ridge")["test"]
                 results[label] = {"step": step, **{k: round(v, 3) for k, v in r.items()}}
