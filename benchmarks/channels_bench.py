@@ -5,9 +5,9 @@
     python benchmarks/channels_bench.py --workdir=runs/channels_bench [--steps=500] [--windows=4]
 
 Rows: `video` (the video-only run: every token), `video+vector fused` (every token of both channels),
-`video+vector: video tokens` (the multi-channel run's video tokens only: what joint training left in the video
-representation) and `video+vector: vector tokens` (its vector tokens only). Runs already in the workdir are reused
-(resumed to --steps).
+`video+vector, vector withheld` (the multi-channel encoder given video only: the series absent from every clip),
+`video+vector: video tokens` / `vector tokens` (the multi-channel run's tokens of one channel, both read).
+Runs already in the workdir are reused (resumed to --steps).
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ def main(argv=None) -> dict:
                      for split in ("train", "validation", "test")}
             sets = {name if arg == "" else f"{name} fused": feats}
             if arg:
+                # The jointly trained encoder reading video alone (the vector channel absent from every clip).
+                sets[f"{name}, vector withheld"] = {
+                    split: export_lib.embed_split(config, params, split, features=("pooled", "patches"),
+                                                  withheld=("vector",)) for split in ("train", "validation", "test")}
                 for channel, (a, b) in channels_lib.offsets(config.model.channels, feats["train"].meta["grid"]).items():
                     sets[f"{name}: {channel} tokens"] = {k: _tokens(f, channel, a, b) for k, f in feats.items()}
             for label, fs in sets.items():

@@ -98,14 +98,19 @@ class ChannelSpec:
     grid: tuple[int, int, int]
     vector_mean: tuple[float, ...]
     vector_std: tuple[float, ...]
+    withheld: tuple[str, ...] = ()  # channels embedded as absent from every clip (partial observation)
 
     @classmethod
-    def from_config(cls, config) -> ChannelSpec | None:
+    def from_config(cls, config, withheld: Sequence[str] = ()) -> ChannelSpec | None:
         chans = models.model_channels(config.model)
+        bad = [c for c in withheld if c not in chans[1:]]
+        if bad:
+            raise ValueError(f"withheld channels {bad}: only channels of the run other than video can be withheld "
+                             f"({list(chans[1:])})")
         if len(chans) == 1:
             return None
         return cls(chans, tuple(masks.clip_token_grid(config)), tuple(config.data.vector_mean),
-                   tuple(config.data.vector_std))
+                   tuple(config.data.vector_std), tuple(withheld))
 
     def batch_keys(self) -> list[str]:
         return [models.channels.CHANNELS[c].batch_key for c in self.channels[1:]] + ["present"]
@@ -132,7 +137,10 @@ def make_embed_fn(encoder_def, layers: Sequence[int], features: Sequence[str], m
                 if name == "vector":
                     values = models.channels.normalize_vector(values, channels.vector_mean, channels.vector_std)
                 inputs[name] = values
-            available = models.channels.available_tokens(extra["present"], channels.channels, channels.grid)
+            present = extra["present"].astype(bool)
+            if channels.withheld:
+                present = present & jnp.asarray([c not in channels.withheld for c in channels.channels])
+            available = models.channels.available_tokens(present, channels.channels, channels.grid)
             tokens = encode_layers(encoder_def, params, normalize_video(video), layers, inputs=inputs,
                                    available=available).astype(jnp.float32)
             weight = available.astype(jnp.float32)[..., None]
@@ -307,14 +315,17 @@ def concat_features(records: list[dict], meta: dict) -> Features:
 
 
 def embed_split(config, params, split: str, *, features: Sequence[str] = ("pooled",), layers=None,
-                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0) -> Features:
+                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0,
+                withheld: Sequence[str] = ()) -> Features:
     """Embed one split in memory (probes on the fly, evaluators, notebooks). max_clips > 0 keeps the first
-    records of the split only (all their segments)."""
+    records of the split only (all their segments). withheld: channels of a multi-channel run embedded as absent
+    from every clip (the encoder then reads the others only)."""
     features = _check_features(features)
     config = with_split(config, split)
     mesh = mesh if mesh is not None else runs.inference_mesh()
     layer_ids = resolve_layers(layers, models.resolved_dims(config.model)["encoder"]["depth"])
-    embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh, ChannelSpec.from_config(config))
+    embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh,
+                             ChannelSpec.from_config(config, withheld))
     pi, pc = jax.process_index(), jax.process_count()
     plan = make_plan(config, batch_size, pi, pc)
     if max_clips > 0:

@@ -248,6 +248,27 @@ def test_a_dropped_channel_is_hidden_from_the_context_encoder_but_is_a_target():
     assert np.isfinite(float(f(batch))) and float(f(changed)) != float(f(batch))  # the targets moved
 
 
+def test_a_withheld_channel_is_embedded_as_absent():
+    from jepa import runs
+    c = _channels_config()
+    params = runs.random_encoder(c)
+    spec = export_lib.ChannelSpec.from_config(c, ("vector",))
+    embed = export_lib.make_embed_fn(runs.encoder_def(c), (1,), ("pooled",), runs.inference_mesh(), spec)
+    video = _video_batch(c, 2)["video"]
+    extra = {"states": np.random.default_rng(0).normal(size=(2, 8, 32)).astype(np.float32),
+             "present": np.ones((2, 2), bool)}
+    out = embed(params, video, extra)
+    moved = embed(params, video, dict(extra, states=extra["states"] + 3.0))
+    np.testing.assert_array_equal(np.asarray(out["pooled"]), np.asarray(moved["pooled"]))
+    np.testing.assert_allclose(np.asarray(out["pooled"]), np.asarray(out["pooled_video"]), rtol=1e-5, atol=1e-6)
+    read = export_lib.make_embed_fn(runs.encoder_def(c), (1,), ("pooled",), runs.inference_mesh(),
+                                    export_lib.ChannelSpec.from_config(c))
+    assert not np.allclose(np.asarray(read(params, video, extra)["pooled"]),
+                           np.asarray(read(params, video, dict(extra, states=extra["states"] + 3.0))["pooled"]))
+    with pytest.raises(ValueError, match="withheld"):
+        export_lib.ChannelSpec.from_config(c, ("video",))
+
+
 # ---------------------------------------------------------------- configuration
 
 
