@@ -295,13 +295,6 @@ class ChannelMasker:
         return out
 
 
-def presence(batch_present: np.ndarray | None, batch_size: int, channels: Sequence[str]) -> np.ndarray:
-    """bool [B, C] from a batch's `present` field (None: all present)."""
-    if batch_present is None:
-        return np.ones((batch_size, len(channels)), bool)
-    return np.asarray(batch_present, bool).reshape(batch_size, len(channels))
-
-
 def available_tokens(present: jax.Array, channels: Sequence[str], grid: Sequence[int]) -> jax.Array:
     """bool [B, L]: which tokens of the joint sequence carry data (a channel absent from a clip: none of its)."""
     which = jnp.asarray(token_channel(channels, grid))
@@ -315,4 +308,4 @@ def per_channel_mean(tokens: jax.Array, channels: Sequence[str], grid: Sequence[
 
 __all__ = ["CHANNELS", "NAMES", "Channel", "ChannelMasker", "VectorTokenizer", "available_tokens", "build_tokenizer",
            "check", "ensure_statistics", "is_multi", "normalize_vector", "num_tokens", "offsets", "per_channel_mean",
-           "positions", "presence", "rope_tables", "statistics_from_values", "token_channel", "vector_statistics"]
+           "positions", "rope_tables", "statistics_from_values", "token_channel", "vector_statistics"]
