@@ -88,11 +88,17 @@ def base_config() -> ConfigDict:
     c.data.eval_mode = "center"
     c.data.num_segments = 1
     c.data.max_decode_retries = 8
+    # Per-dimension mean / std of the "vector" channel (model.channels) over the train split: () = computed when a
+    # run starts and saved in its config.json, so export and probes normalise exactly as training did.
+    c.data.vector_mean = ()
+    c.data.vector_std = ()
 
     # ---- masks (jepa/masks.py): short-range and long-range multi-block masks ----
     c.mask = ConfigDict()
     c.mask.types = ConfigDict({"short": mask_type(8, 0.15, 0), "long": mask_type(2, 0.7, 1)})
     c.mask.length_quantile = 0.1       # static per-type token counts: this quantile of the drawn sizes
+    c.mask.channel_dropout = 0.0       # several channels: probability, per clip, that a non-video channel is hidden
+                                       # from the context encoder for the whole clip (its tokens become targets)
 
     # ---- model (jepa/models) ----
     c.model = ConfigDict()
@@ -100,6 +106,9 @@ def base_config() -> ConfigDict:
                                       tubelet_size=2))
     c.model.predictor = ConfigDict(dict(width=384, depth=12, heads=12, mlp_dim=0, num_mask_tokens=10))  # 0: 4 x width
     c.model.rope_layout = "reference"  # or "interleaved"
+    # Observation channels the encoder reads, video first (jepa/models/channels.py): "video" and "vector" (the per-
+    # frame `states` series of the world data). The data pipeline yields what these need.
+    c.model.channels = ("video",)
     c.model.dtype = "bfloat16"         # compute dtype; parameters stay float32
     c.model.remat = "none"             # "none" | "full" | "dots"
     c.model.attention = "einsum"       # "einsum" | "xla" | "cudnn" (fused kernel on NVIDIA GPUs, bf16/fp16)
@@ -212,6 +221,7 @@ def validate(c: ConfigDict) -> None:
     from jepa.constraints import parse as parse_constraints
     from jepa.data.sources import SOURCE_KINDS
     from jepa.models import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES, RESIDUAL_DTYPES, ROPE_LAYOUTS
+    from jepa.models import channels as channels_lib
     from jepa.objectives import OBJECTIVES
     from jepa.objectives.ac import ENCODER_WEIGHTS, STATE_SOURCES
     from jepa.planning import BLOCK_ACTIONS, CONSTRAINT_MODES, ENERGY_NORMS, ENERGY_STEPS, OPTIMIZERS
@@ -296,6 +306,31 @@ def validate(c: ConfigDict) -> None:
         need(s.kind in SOURCE_KINDS, f"data.sources.{name}.kind", f"{s.kind!r} is not one of {one_of(SOURCE_KINDS)}")
         need(s.weight > 0, f"data.sources.{name}.weight", f"must be > 0, got {s.weight}")
         need(s.kind != "manifest" or bool(s.path), f"data.sources.{name}.path", "a manifest source needs a path")
+    try:
+        chans = channels_lib.check(c.model.channels)
+    except ValueError as err:
+        raise ConfigError(f"config.model.channels: {err}") from None
+    for name, s in d.sources.items():
+        for ch in chans:
+            need(s.kind in channels_lib.CHANNELS[ch].source_kinds, "model.channels",
+                 f"channel {ch!r} needs a source that carries it ({', '.join(channels_lib.CHANNELS[ch].source_kinds)}"
+                 f" kinds); data.sources.{name} is a {s.kind!r} source without it")
+    need(objective != "ac" or chans == ("video",), "model.channels",
+         f"{list(chans)}: the world model (objective 'ac') reads video only; its encoder_from run must be a "
+         "video-only encoder")
+    need(len(chans) == 1 or not c.evals, "evals", "periodic evaluations embed video only; with several "
+         "model.channels export the run and probe the export (python -m jepa.export, jepa.probe)")
+    need(0.0 <= c.mask.channel_dropout < 1.0, "mask.channel_dropout",
+         f"must lie in [0, 1), got {c.mask.channel_dropout}")
+    if "vector" in chans:
+        dim = channels_lib.CHANNELS["vector"].dim
+        for field in ("vector_mean", "vector_std"):
+            v = d[field]
+            need(len(v) in (0, dim), f"data.{field}", f"must be () (computed at train start) or {dim} values, got "
+                 f"{len(v)}")
+        need(len(d.vector_mean) == len(d.vector_std), "data.vector_std",
+             f"{len(d.vector_std)} values, data.vector_mean has {len(d.vector_mean)}")
+        need(all(float(x) > 0 for x in d.vector_std), "data.vector_std", "every std must be > 0")
     need(len(c.mask.types) > 0, "mask.types", "at least one mask type is needed")
     for name, t in c.mask.types.items():
         need(0 <= t.mask_token < c.model.predictor.num_mask_tokens, f"mask.types.{name}.mask_token",

@@ -83,21 +83,70 @@ def resolve_layers(layers: Sequence[int] | None, depth: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def encode_layers(encoder_def, params: Any, video: jax.Array, layers: Sequence[int]) -> jax.Array:
+def encode_layers(encoder_def, params: Any, video: jax.Array, layers: Sequence[int], **channel_args) -> jax.Array:
     """Features [B, L, len(layers) * width]: the output of each listed block after the encoder's final
-    LayerNorm, concatenated (one forward pass; the last block alone is the encoder output)."""
-    _, out = nnx.merge(encoder_def, nnx.State(params))(video, return_layers=layers)
+    LayerNorm, concatenated (one forward pass; the last block alone is the encoder output). channel_args: the
+    other channels' `inputs` and `available` tokens of a multi-channel encoder."""
+    _, out = nnx.merge(encoder_def, nnx.State(params))(video, return_layers=layers, **channel_args)
     return jnp.concatenate([out["blocks"][i] for i in layers], axis=-1)
 
 
-def make_embed_fn(encoder_def, layers: Sequence[int], features: Sequence[str], mesh):
+@dataclasses.dataclass(frozen=True)
+class ChannelSpec:
+    """What embedding a multi-channel run needs besides video: its channels, grid and vector statistics."""
+    channels: tuple[str, ...]
+    grid: tuple[int, int, int]
+    vector_mean: tuple[float, ...]
+    vector_std: tuple[float, ...]
+    withheld: tuple[str, ...] = ()  # channels embedded as absent from every clip (partial observation)
+
+    @classmethod
+    def from_config(cls, config, withheld: Sequence[str] = ()) -> ChannelSpec | None:
+        chans = models.model_channels(config.model)
+        bad = [c for c in withheld if c not in chans[1:]]
+        if bad:
+            raise ValueError(f"withheld channels {bad}: only channels of the run other than video can be withheld "
+                             f"({list(chans[1:])})")
+        if len(chans) == 1:
+            return None
+        return cls(chans, tuple(masks.clip_token_grid(config)), tuple(config.data.vector_mean),
+                   tuple(config.data.vector_std), tuple(withheld))
+
+    def batch_keys(self) -> list[str]:
+        return [models.channels.CHANNELS[c].batch_key for c in self.channels[1:]] + ["present"]
+
+
+def make_embed_fn(encoder_def, layers: Sequence[int], features: Sequence[str], mesh,
+                  channels: ChannelSpec | None = None):
     """jit(params, uint8 video [B, T, H, W, 3]) -> {"pooled": [B, D], "patches": [B, L, D]} sharded over the
-    batch axes of `mesh` (parameters replicated); encoder_def: the encoder's nnx graph definition."""
+    batch axes of `mesh` (parameters replicated); encoder_def: the encoder's nnx graph definition.
+
+    With several channels (`channels`), jit(params, video, {batch key: array}) where the dict holds the other
+    channels' fields and "present" [B, C]: "pooled" is the fused embedding (mean over every token a clip has, all
+    channels) and "pooled_<channel>" the mean over each channel's tokens."""
     features = tuple(features)
 
-    def embed(params, video):
-        tokens = encode_layers(encoder_def, params, normalize_video(video), layers).astype(jnp.float32)
-        out = {"pooled": tokens.mean(axis=1)}
+    def embed(params, video, extra=None):
+        if channels is None:
+            tokens = encode_layers(encoder_def, params, normalize_video(video), layers).astype(jnp.float32)
+            out = {"pooled": tokens.mean(axis=1)}
+        else:
+            inputs = {}
+            for name in channels.channels[1:]:
+                values = extra[models.channels.CHANNELS[name].batch_key]
+                if name == "vector":
+                    values = models.channels.normalize_vector(values, channels.vector_mean, channels.vector_std)
+                inputs[name] = values
+            present = extra["present"].astype(bool)
+            if channels.withheld:
+                present = present & jnp.asarray([c not in channels.withheld for c in channels.channels])
+            available = models.channels.available_tokens(present, channels.channels, channels.grid)
+            tokens = encode_layers(encoder_def, params, normalize_video(video), layers, inputs=inputs,
+                                   available=available).astype(jnp.float32)
+            weight = available.astype(jnp.float32)[..., None]
+            out = {"pooled": (tokens * weight).sum(axis=1) / weight.sum(axis=1)}
+            for name, pooled in models.channels.per_channel_mean(tokens, channels.channels, channels.grid).items():
+                out[f"pooled_{name}"] = pooled
         if "patches" in features:
             out["patches"] = tokens
         return out
@@ -189,8 +238,9 @@ class RowInfo:
 
 def iter_embeddings(plan: Plan, embed_fn, params, mesh, *, process_index: int, process_count: int,
                     start_batch: int = 0, progress: bool = True, desc: str = "embed") -> Iterator[dict]:
-    """Yields, per batch of this process, {"batch": i, "pooled", ["patches"], targets..., "rows": [metadata]}
-    with padding and substituted clips removed."""
+    """Yields, per batch of this process, {"batch": i, "pooled", ["pooled_<channel>"], ["patches"], targets...,
+    "rows": [metadata]} with padding and substituted clips removed."""
+    channels = ChannelSpec.from_config(plan.config)
     from tqdm.auto import tqdm
 
     ds = pipeline.build_pipeline(plan.config, process_index=process_index, process_count=process_count,
@@ -205,7 +255,12 @@ def iter_embeddings(plan: Plan, embed_fn, params, mesh, *, process_index: int, p
         for i in range(start_batch, plan.num_batches):
             batch = next(it)
             video = sharding.global_batch({"video": batch["video"]}, mesh)["video"]
-            out = {k: local_rows(v) for k, v in embed_fn(params, video).items()}
+            if channels is None:
+                out = embed_fn(params, video)
+            else:
+                out = embed_fn(params, video, sharding.global_batch({k: batch[k] for k in channels.batch_keys()},
+                                                                    mesh))
+            out = {k: local_rows(v) for k, v in out.items()}
             keep = np.asarray(batch["valid"], bool)
             rec = {k: v[keep] for k, v in out.items()}
             for field in TARGET_FIELDS:
@@ -230,11 +285,12 @@ def iter_embeddings(plan: Plan, embed_fn, params, mesh, *, process_index: int, p
 @dataclasses.dataclass
 class Features:
     """Embeddings of one split: arrays share the row order of `rows` (one dict per clip window)."""
-    pooled: np.ndarray                      # [N, D]
+    pooled: np.ndarray                      # [N, D] (several channels: fused, the mean over all their tokens)
     patches: np.ndarray | None              # [N, L, D] or None
     targets: dict[str, np.ndarray]          # label [N], and for world data domain [N], states [N, T, S], ...
     rows: list[dict]
     meta: dict
+    channels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # several channels: name -> [N, D]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -252,19 +308,24 @@ def concat_features(records: list[dict], meta: dict) -> Features:
     rows = [row for r in records for row in r["rows"]]
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["source"], rows[i]["index"], rows[i]["segment"]))
     take = lambda a: a[np.asarray(order)] if a is not None else None
+    per_channel = {k[len("pooled_"):]: take(cat(k)) for k in records[0] if k.startswith("pooled_")}
     return Features(pooled=take(cat("pooled")), patches=take(cat("patches")) if "patches" in records[0] else None,
-                    targets={k: take(v) for k, v in targets.items()}, rows=[rows[i] for i in order], meta=meta)
+                    targets={k: take(v) for k, v in targets.items()}, rows=[rows[i] for i in order], meta=meta,
+                    channels=per_channel)
 
 
 def embed_split(config, params, split: str, *, features: Sequence[str] = ("pooled",), layers=None,
-                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0) -> Features:
+                batch_size: int = 32, mesh=None, progress: bool = False, max_clips: int = 0,
+                withheld: Sequence[str] = ()) -> Features:
     """Embed one split in memory (probes on the fly, evaluators, notebooks). max_clips > 0 keeps the first
-    records of the split only (all their segments)."""
+    records of the split only (all their segments). withheld: channels of a multi-channel run embedded as absent
+    from every clip (the encoder then reads the others only)."""
     features = _check_features(features)
     config = with_split(config, split)
     mesh = mesh if mesh is not None else runs.inference_mesh()
     layer_ids = resolve_layers(layers, models.resolved_dims(config.model)["encoder"]["depth"])
-    embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh)
+    embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh,
+                             ChannelSpec.from_config(config, withheld))
     pi, pc = jax.process_index(), jax.process_count()
     plan = make_plan(config, batch_size, pi, pc)
     if max_clips > 0:
@@ -310,7 +371,7 @@ def features_meta(config, split: str, layers, features) -> dict:
             "depth": dims["depth"], "grid": list(masks.clip_token_grid(config)),
             "num_frames": int(config.data.num_frames),
             "resolution": int(config.data.resolution), "eval_mode": str(config.data.eval_mode),
-            "num_segments": int(config.data.num_segments)}
+            "num_segments": int(config.data.num_segments), "channels": list(models.model_channels(config.model))}
 
 
 # ---------------------------------------------------------------- files: shards, manifests, resume
@@ -416,7 +477,7 @@ def export(workdir: str, output: str, *, split: str, step: int | None = None, en
         manifest["complete"] = False
         if done:
             log.info("export: resuming %s at shard %d/%d", output, done, num_shards)
-        embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh)
+        embed_fn = make_embed_fn(runs.encoder_def(config), layer_ids, features, mesh, ChannelSpec.from_config(config))
         pending, written = [], 0
         for rec in iter_embeddings(plan, embed_fn, params, mesh, process_index=pi, process_count=pc,
                                    start_batch=done * batches_per_shard, progress=progress, desc=f"export {split}"):
@@ -481,6 +542,7 @@ def load_features(output: str, *, mmap: bool = True) -> Features:
         fp = manifest["fingerprint"]
         meta = {k: fp[k] for k in ("split", "layers", "features", "width", "depth", "grid", "num_frames",
                                    "resolution", "eval_mode", "num_segments", "step", "encoder")}
+        meta["channels"] = fp.get("channels", ["video"])
         for shard in manifest["shards"]:
             prefix = name[len("manifest-"):-len(".json")] + f"-s{shard['shard']:05d}"
             rec = {}

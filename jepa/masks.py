@@ -263,8 +263,15 @@ class MultiBlockMasker:
         return nc, nt
 
 
-def make_masker(config) -> MultiBlockMasker:
-    """The masker of a run: ``config.mask`` on the token grid of its clips (`clip_token_grid`)."""
+def make_masker(config):
+    """The masker of a run: ``config.mask`` on the token grid of its clips (`clip_token_grid`); with several
+    observation channels (``config.model.channels``) a `jepa.models.channels.ChannelMasker` over channels x time."""
+    channels = tuple(config.model.get("channels", ("video",)))
+    if len(channels) > 1:
+        from jepa.models.channels import ChannelMasker
+        return ChannelMasker(clip_token_grid(config), specs_from_config(config.mask.types), channels,
+                             length_quantile=float(config.mask.length_quantile),
+                             dropout=float(config.mask.get("channel_dropout", 0.0)))
     return MultiBlockMasker.from_config(config.mask, clip_token_grid(config))
 
 

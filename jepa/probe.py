@@ -707,6 +707,7 @@ def select_rows(feats, keep: np.ndarray):
     keep = np.asarray(keep, bool)
     take = lambda a: None if a is None else np.asarray(a)[keep]
     return dataclasses.replace(feats, pooled=take(feats.pooled), patches=take(feats.patches),
+                               channels={k: take(v) for k, v in feats.channels.items()},
                                targets={k: take(v) for k, v in feats.targets.items()},
                                rows=[r for r, k in zip(feats.rows, keep) if k])
 

@@ -32,6 +32,7 @@ from jepa import models, objectives, optim, sharding
 from jepa import workdir as workdir_lib
 from jepa.data import pipeline
 from jepa.data import sources as sources_lib
+from jepa.models import channels as channels_lib
 
 PREEMPTED_EXIT_CODE = 42  # SIGTERM: checkpoint saved, run can be resumed with the same command
 
@@ -151,6 +152,7 @@ def adopt_encoder_config(config) -> None:
     with config.unlocked():
         config.model.encoder = pre.model.encoder
         config.model.rope_layout = pre.model.rope_layout
+        config.model.channels = pre.model.channels  # validate() then refuses a multi-channel encoder
     logging.info("encoder architecture from %s: %s", config.encoder_from, dict(config.model.encoder))
 
 
@@ -244,6 +246,17 @@ def train(config, workdir: str) -> TrainResult:
     lock = data_iter = checkpointer = writer = profiling = None
     try:
         lock = lock_workdir(workdir)
+        # The vector channel's normalisation statistics, from the train split (or the run's own config.json when it
+        # resumes), saved in config.json with the run. Process 0 first: opening the sources may generate the world
+        # dataset.
+        saved_path = workdir_lib.path(workdir) / "config.json"
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+        if is_main and channels_lib.ensure_statistics(config, saved):
+            logging.info("vector channel statistics: std %s", [round(x, 3) for x in config.data.vector_std])
+        if multi_process:
+            sharding.sync("jepa: channel statistics")
+            if not is_main:
+                channels_lib.ensure_statistics(config, saved)
         if is_main:
             (workdir_lib.path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 

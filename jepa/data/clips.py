@@ -110,9 +110,10 @@ class ClipMaker:
     """
 
     def __init__(self, names: Sequence[str], sources: Sequence[Any], settings: ClipSettings, *, train: bool,
-                 world: bool, seed: int):
+                 world: bool, seed: int, channels: Sequence[str] = ("video",)):
         self.names, self.sources, self.s = list(names), list(sources), settings
         self.train, self.world, self.seed = train, world, int(seed)
+        self.channels = tuple(channels)
 
     # -- stages
     def read(self, sid: int, index: int) -> Mapping:
@@ -177,6 +178,11 @@ class ClipMaker:
                 states[:, :st.shape[1]] = st[indices, :S_MAX]
                 domain = int(record["domain"])
             out.update(actions=actions, states=states, domain=np.int32(domain))
+        if len(self.channels) > 1:
+            # Which observation channels this clip carries (video always; `vector` = the record's states), so the
+            # masks never take an absent channel's tokens as context or targets.
+            out["present"] = np.array([name == "video" or (name == "vector" and is_world(record))
+                                       for name in self.channels], bool)
         return out
 
     def _media(self, record: Mapping):

@@ -37,9 +37,11 @@ class _BatchMasks:
     Every process draws the masks of the whole global batch and keeps the rows of its own clips (process p
     holds global clips p, p + P, p + 2P, ...), so a clip gets the same mask whatever the process count."""
 
-    def __init__(self, grid, specs, length_quantile: float, seed: int, process_index: int, process_count: int):
+    def __init__(self, grid, specs, length_quantile: float, seed: int, process_index: int, process_count: int,
+                 channels=("video",), channel_dropout: float = 0.0):
         self.grid, self.specs, self.q = tuple(grid), list(specs), float(length_quantile)
         self.seed, self.process_index, self.process_count = int(seed), int(process_index), int(process_count)
+        self.channels, self.channel_dropout = tuple(channels), float(channel_dropout)
         self._masker = None
 
     def __getstate__(self):
@@ -49,13 +51,25 @@ class _BatchMasks:
 
     def masker(self):
         if self._masker is None:
-            self._masker = masks_lib.MultiBlockMasker(self.grid, self.specs, length_quantile=self.q)
+            if len(self.channels) > 1:
+                from jepa.models.channels import ChannelMasker
+                self._masker = ChannelMasker(self.grid, self.specs, self.channels, length_quantile=self.q,
+                                             dropout=self.channel_dropout)
+            else:
+                self._masker = masks_lib.MultiBlockMasker(self.grid, self.specs, length_quantile=self.q)
         return self._masker
 
     def __call__(self, batch_index: int, batch: dict) -> dict:
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, 0x6D61736B, int(batch_index)])
         local_size = int(np.shape(batch["video"])[0])
-        drawn = self.masker()(local_size * self.process_count, rng)
+        if len(self.channels) > 1:
+            # Other processes' rows count as present: a row's masks depend on its own clip only (the draws do not
+            # depend on presence), so they are the same whatever the process count.
+            present = np.ones((local_size * self.process_count, len(self.channels)), bool)
+            present[self.process_index::self.process_count] = batch["present"]
+            drawn = self.masker()(local_size * self.process_count, rng, present)
+        else:
+            drawn = self.masker()(local_size * self.process_count, rng)
         batch.update({k: v[self.process_index::self.process_count] for k, v in drawn.items()})
         return batch
 
@@ -124,7 +138,8 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
     masks = train if masks is None else masks
     names, srcs, weights = sources_lib.sources_from_config(config, sources)
     world = has_world_records(srcs)
-    maker = clips.ClipMaker(names, srcs, settings, train=train, world=world, seed=seed)
+    channels = tuple(config.model.get("channels", ("video",)))
+    maker = clips.ClipMaker(names, srcs, settings, train=train, world=world, seed=seed, channels=channels)
     clip_seed = clips.mix64(seed, 0x636C6970) & 0x7FFFFFFF
 
     if train:
@@ -149,7 +164,8 @@ def build_pipeline(config, *, process_index: int | None = None, process_count: i
     if masks:
         ds = ds.map_with_index(_BatchMasks(masks_lib.clip_token_grid(config),
                                            masks_lib.specs_from_config(config.mask.types),
-                                           float(config.mask.length_quantile), seed, process_index, process_count))
+                                           float(config.mask.length_quantile), seed, process_index, process_count,
+                                           channels, float(config.mask.get("channel_dropout", 0.0))))
     buffer = max(1, int(config.data.prefetch_buffer))
     workers = int(config.data.num_workers)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=buffer if workers == 0 else 1,

@@ -16,6 +16,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from jepa.models import channels
 from jepa.models.ac_predictor import ACPredictor
 from jepa.models.layers import ATTENTION_IMPLS, REMAT_POLICIES, RESIDUAL_DTYPES, Blocks
 from jepa.models.predictor import Predictor
@@ -24,7 +25,8 @@ from jepa.models.vit import ENCODER_SIZES, VisionTransformer, token_grid
 
 __all__ = ["ATTENTION_IMPLS", "DTYPES", "ENCODER_SIZES", "ROPE_LAYOUTS", "REMAT_POLICIES", "RESIDUAL_DTYPES",
            "ACPredictor", "Blocks", "Predictor", "VisionTransformer", "build_ac_predictor", "build_encoder",
-           "build_predictor", "compute_dtype", "residual_dtype", "resolved_dims", "token_grid"]
+           "build_predictor", "channels", "compute_dtype", "model_channels", "residual_dtype", "resolved_dims",
+           "token_grid"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -42,6 +44,11 @@ def residual_dtype(model_cfg):
     if name not in RESIDUAL_DTYPES:
         raise ValueError(f"config.model.residual_dtype must be one of {RESIDUAL_DTYPES}, got {name!r}")
     return jnp.float32 if name == "float32" else compute_dtype(model_cfg)
+
+
+def model_channels(model_cfg) -> tuple[str, ...]:
+    """config.model.channels as a checked tuple (("video",) for configs saved before the field existed)."""
+    return channels.check(model_cfg.get("channels", ("video",)))
 
 
 def resolved_dims(model_cfg) -> dict[str, dict[str, int]]:
@@ -80,7 +87,7 @@ def _common(model_cfg) -> dict[str, Any]:
 def build_encoder(model_cfg, rngs: nnx.Rngs) -> VisionTransformer:
     """The context / target encoder described by config.model."""
     d = resolved_dims(model_cfg)["encoder"]
-    return VisionTransformer(**d, **_common(model_cfg), rngs=rngs)
+    return VisionTransformer(**d, **_common(model_cfg), channels=model_channels(model_cfg), rngs=rngs)
 
 
 def build_predictor(model_cfg, grid: Sequence[int], rngs: nnx.Rngs) -> Predictor:
@@ -89,7 +96,7 @@ def build_predictor(model_cfg, grid: Sequence[int], rngs: nnx.Rngs) -> Predictor
     p = dims["predictor"]
     return Predictor(encoder_width=dims["encoder"]["width"], width=p["width"], depth=p["depth"], heads=p["heads"],
                      mlp_dim=p["mlp_dim"], num_mask_tokens=p["num_mask_tokens"], grid=tuple(grid),
-                     **_common(model_cfg), rngs=rngs)
+                     **_common(model_cfg), channels=model_channels(model_cfg), rngs=rngs)
 
 
 def build_ac_predictor(model_cfg, grid_hw: Sequence[int], action_dim: int, state_dim: int,

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jepa.models import channels as channels_lib
 from jepa.models import layers
 from jepa.models import rope as rope_lib
 from jepa.models.vit import check_token_idx
@@ -33,7 +34,8 @@ class Predictor(nnx.Module):
     def __init__(self, *, encoder_width: int, width: int = 384, depth: int = 12, heads: int = 12,
                  mlp_dim: int | None = None, num_mask_tokens: int = 10, grid: Sequence[int],
                  rope_layout: str = "reference", dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                 scan: bool = True, attention_impl: str = "einsum", residual_dtype=jnp.float32, rngs: nnx.Rngs):
+                 scan: bool = True, attention_impl: str = "einsum", residual_dtype=jnp.float32,
+                 channels: Sequence[str] = ("video",), rngs: nnx.Rngs):
         if encoder_width <= 0:
             raise ValueError(f"encoder_width must be positive, got {encoder_width}")
         if num_mask_tokens <= 0:
@@ -54,6 +56,12 @@ class Predictor(nnx.Module):
         self.norm_bias = nnx.Param(jnp.zeros((width,), param_dtype))
         self.proj_kernel = nnx.Param(layers.trunc_normal(rngs.params(), (width, encoder_width), dtype=param_dtype))
         self.proj_bias = nnx.Param(jnp.zeros((encoder_width,), param_dtype))
+        # Several observation channels: token indices span the joint sequence (jepa/models/channels.py) and each
+        # mask token gets the embedding of the channel it fills in (created last: video-only weights unchanged).
+        self.channels = channels_lib.check(channels)
+        if channels_lib.is_multi(self.channels):
+            self.channel_embed = nnx.Param(layers.trunc_normal(rngs.params(), (len(self.channels), width),
+                                                               dtype=param_dtype))
 
     def __call__(self, context_tokens: jax.Array, context_idx: jax.Array, target_idx: jax.Array,
                  mask_index, with_context: bool = False) -> jax.Array:
@@ -62,7 +70,7 @@ class Predictor(nnx.Module):
         int scalar, e.g. the mask type). with_context: predictions for the context positions too,
         [B, Nc + Nt, encoder_width] in [context, targets] order (the V-JEPA 2.1 context loss reads them)."""
         b, nc = context_tokens.shape[:2]
-        num_tokens = self.grid[0] * self.grid[1] * self.grid[2]
+        num_tokens = channels_lib.num_tokens(self.channels, self.grid)
         if context_tokens.ndim != 3 or context_tokens.shape[-1] != self.encoder_width:
             raise ValueError(f"context_tokens must be [B, Nc, {self.encoder_width}], got "
                              f"{tuple(context_tokens.shape)}")
@@ -75,9 +83,13 @@ class Predictor(nnx.Module):
         nt = target_idx.shape[1]
         x = layers.dense(context_tokens, self.embed_kernel[...], self.embed_bias[...], self.dtype)
         mask = self.mask_tokens[...][mask_index].astype(x.dtype)
-        x = jnp.concatenate([x, jnp.broadcast_to(mask, (b, nt, self.width))], axis=1)
+        mask = jnp.broadcast_to(mask, (b, nt, self.width))
+        if channels_lib.is_multi(self.channels):
+            which = jnp.take(jnp.asarray(channels_lib.token_channel(self.channels, self.grid)), target_idx)
+            mask = mask + jnp.take(self.channel_embed[...], which, axis=0).astype(x.dtype)
+        x = jnp.concatenate([x, mask], axis=1)
         positions = jnp.concatenate([context_idx, target_idx], axis=1).astype(jnp.int32)
-        tables = rope_lib.rope_tables(self.grid, self.width // self.heads, self.rope_layout)
+        tables = channels_lib.rope_tables(self.channels, self.grid, self.width // self.heads, self.rope_layout)
         x = self.blocks(x, tables, positions)
         x = x if with_context else x[:, nc:]
         x = layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], self.dtype)

@@ -19,12 +19,13 @@ Checkpoint conversion (reference PyTorch -> ours):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jepa.models import channels as channels_lib
 from jepa.models import layers
 from jepa.models import rope as rope_lib
 
@@ -76,7 +77,7 @@ class VisionTransformer(nnx.Module):
     def __init__(self, *, width: int, depth: int, heads: int, mlp_dim: int, patch_size: int = 16,
                  tubelet_size: int = 2, in_channels: int = 3, rope_layout: str = "reference", dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", scan: bool = True, attention_impl: str = "einsum",
-                 residual_dtype=jnp.float32, rngs: nnx.Rngs):
+                 residual_dtype=jnp.float32, channels: Sequence[str] = ("video",), rngs: nnx.Rngs):
         if patch_size <= 0 or tubelet_size <= 0 or in_channels <= 0:
             raise ValueError(f"patch_size ({patch_size}), tubelet_size ({tubelet_size}) and in_channels "
                              f"({in_channels}) must be positive")
@@ -93,22 +94,38 @@ class VisionTransformer(nnx.Module):
         self.patch_bias = nnx.Param(jnp.zeros((width,), param_dtype))
         self.norm_scale = nnx.Param(jnp.ones((width,), param_dtype))
         self.norm_bias = nnx.Param(jnp.zeros((width,), param_dtype))
+        # Further observation channels (jepa/models/channels.py): created after every video parameter, so a
+        # video-only model draws the same initial weights as before channels existed.
+        self.channels = channels_lib.check(channels)
+        if channels_lib.is_multi(self.channels):
+            for name in self.channels[1:]:
+                setattr(self, f"{name}_tokenizer", channels_lib.build_tokenizer(
+                    name, tubelet_size=tubelet_size, width=width, dtype=dtype, param_dtype=param_dtype, rngs=rngs))
+            self.channel_embed = nnx.Param(layers.trunc_normal(rngs.params(), (len(self.channels), width),
+                                                               dtype=param_dtype))
 
     def grid(self, video_shape) -> tuple[int, int, int]:
         _, t, h, w, _ = video_shape
         return token_grid(t, (h, w), self.patch_size, self.tubelet_size)
 
     def __call__(self, video: jax.Array, token_idx: jax.Array | None = None,
-                 return_layers: Sequence[int] = ()):
+                 return_layers: Sequence[int] = (), *, inputs: Mapping[str, jax.Array] | None = None,
+                 available: jax.Array | None = None):
         """video [B, T, H, W, C] float -> float32 [B, N, width] for the tokens token_idx [B, N] (indices into the
         time-major flattened grid, any order; outputs follow that order), or all L grid tokens when None.
 
         return_layers: block indices (0-based, negative from the end); when given, returns (output,
         {"blocks": {i: block i's output after the final LayerNorm}}) (the reference's `out_layers`: intermediate
-        layers share the final norm). The last block's entry is the output itself."""
+        layers share the final norm). The last block's entry is the output itself.
+
+        With more than one channel, `inputs` holds the other channels' normalised values (name -> array) and
+        token_idx indexes the joint sequence (channels.offsets); available: optional bool [B, L] over the joint
+        sequence, False for tokens of a channel a clip lacks (no token attends to them)."""
         if video.ndim != 5 or video.shape[-1] != self.in_channels:
             raise ValueError(f"video must be [B, T, H, W, {self.in_channels}], got shape {tuple(video.shape)}")
         grid = self.grid(video.shape)
+        if channels_lib.is_multi(self.channels):
+            return self._call_channels(video, grid, token_idx, return_layers, inputs or {}, available)
         num_tokens = grid[0] * grid[1] * grid[2]
         x = patchify(video, self.patch_size, self.tubelet_size)
         if token_idx is not None:
@@ -121,5 +138,37 @@ class VisionTransformer(nnx.Module):
         if not return_layers:
             return norm(self.blocks(x, tables, token_idx))
         x, blocks = self.blocks(x, tables, token_idx, return_layers=return_layers)
+        out = norm(x)
+        return out, {"blocks": {i: out if i == self.depth - 1 else norm(h) for i, h in blocks.items()}}
+
+    def _call_channels(self, video, grid, token_idx, return_layers, inputs, available):
+        """Every channel tokenized whole, its channel embedding added, joined, then the kept tokens gathered (the
+        tokenizers are a small share of the cost; the blocks see only the kept tokens)."""
+        missing = [n for n in self.channels[1:] if n not in inputs]
+        if missing:
+            raise ValueError(f"encoder with channels {list(self.channels)}: inputs lack {missing}")
+        num_tokens = channels_lib.num_tokens(self.channels, grid)
+        embed = self.channel_embed[...]
+        kernel = self.patch_kernel[...].reshape(-1, self.width)
+        parts = [layers.dense(patchify(video, self.patch_size, self.tubelet_size), kernel, self.patch_bias[...],
+                              self.dtype) + embed[0].astype(self.dtype)]
+        for i, name in enumerate(self.channels[1:], start=1):
+            tokens = getattr(self, f"{name}_tokenizer")(inputs[name])
+            if tokens.shape[1] != grid[0]:
+                raise ValueError(f"channel {name!r}: {tokens.shape[1]} time steps, the video has {grid[0]}")
+            parts.append(tokens + embed[i].astype(self.dtype))
+        x = jnp.concatenate(parts, axis=1)
+        mask = None
+        if available is not None:
+            keys = available if token_idx is None else jnp.take_along_axis(available, token_idx, axis=1)
+            mask = keys[:, None, None, :]  # [B, 1 (heads), 1 (queries), N keys]
+        if token_idx is not None:
+            check_token_idx(token_idx, video.shape[0], num_tokens)
+            x = jnp.take_along_axis(x, token_idx[..., None].astype(jnp.int32), axis=1)
+        tables = channels_lib.rope_tables(self.channels, grid, self.width // self.heads, self.rope_layout)
+        norm = lambda x: layers.layer_norm(x, self.norm_scale[...], self.norm_bias[...], jnp.float32)
+        if not return_layers:
+            return norm(self.blocks(x, tables, token_idx, mask=mask))
+        x, blocks = self.blocks(x, tables, token_idx, mask=mask, return_layers=return_layers)
         out = norm(x)
         return out, {"blocks": {i: out if i == self.depth - 1 else norm(h) for i, h in blocks.items()}}

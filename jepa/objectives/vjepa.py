@@ -16,6 +16,10 @@ layer-normalised context-encoder tokens of the (micro-)batch, a hinge pushing ev
 penalty on off-diagonal covariance. They stop the dimensional collapse that short, small-scale runs show (target
 effective rank 45 -> 18 in 500 quick-start steps) and keep motion in the features (README, ablations).
 
+With several observation channels (`config.model.channels`, jepa/models/channels.py) token indices run over the
+joint sequence of all channels' tokens, the EMA encoder sees every channel a clip has (`present` masks the others
+out of its attention) and the context encoder only the context tokens; the loss is unchanged.
+
 Parameters travel as plain nested dicts; the Flax NNX modules are rebuilt from their graph definitions
 inside the jitted functions (`nnx.merge`), which is free at run time.
 """
@@ -28,12 +32,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jepa import masks, models
 from jepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from jepa.metrics import effective_rank, vjepa_step_flops
+from jepa.models import channels as channels_lib
 from jepa.models.rope import grid_positions
 from jepa.optim import ema_update
 
@@ -77,6 +81,9 @@ class VJEPA:
     variance_weight: float = 0.0     # VICReg-style anti-collapse terms on the context encoder's tokens
     covariance_weight: float = 0.0
     diagnostics_every: int = 1       # collapse diagnostics only on the steps the trainer logs (see gated_...)
+    channels: tuple[str, ...] = ("video",)  # observation channels (jepa/models/channels.py), video first
+    vector_mean: tuple[float, ...] = ()     # the vector channel's normalisation statistics (config.data)
+    vector_std: tuple[float, ...] = ()
 
     has_ema = True  # the target encoder follows the online one
     needs_masks = True
@@ -93,7 +100,10 @@ class VJEPA:
                    context_warmup_steps=int(config.loss.context_warmup_steps),
                    variance_weight=float(config.loss.variance_weight),
                    covariance_weight=float(config.loss.covariance_weight),
-                   diagnostics_every=int(config.train.log_every))
+                   diagnostics_every=int(config.train.log_every),
+                   channels=models.model_channels(config.model),
+                   vector_mean=tuple(float(x) for x in config.data.get("vector_mean", ())),
+                   vector_std=tuple(float(x) for x in config.data.get("vector_std", ())))
 
     # ---- parameters: (trainable, EMA target encoder) ----
     def init(self, rng: jax.Array, config) -> tuple[dict[str, Params], Params]:
@@ -107,8 +117,28 @@ class VJEPA:
     def update_target(self, target: Params, params: dict[str, Params], momentum) -> Params:
         return ema_update(target, params["encoder"], momentum)
 
+    @property
+    def multi_channel(self) -> bool:
+        return len(self.channels) > 1
+
     def data_keys(self) -> list[str]:
-        return ["video"] + [f"{name}/{part}" for name in self.mask_names for part in ("context_idx", "target_idx")]
+        extra = ([channels_lib.CHANNELS[c].batch_key for c in self.channels[1:]] + ["present"]
+                 if self.multi_channel else [])
+        return ["video", *extra] + [f"{name}/{part}" for name in self.mask_names
+                                    for part in ("context_idx", "target_idx")]
+
+    def channel_inputs(self, batch) -> dict[str, jax.Array]:
+        """The non-video channels' normalised values from a batch (name -> array)."""
+        out = {}
+        for name in self.channels[1:]:
+            values = batch[channels_lib.CHANNELS[name].batch_key]
+            if name == "vector":
+                if not self.vector_mean:
+                    raise ValueError("the vector channel needs config.data.vector_mean / vector_std (computed by "
+                                     "jepa.models.channels.ensure_statistics when a run starts)")
+                values = channels_lib.normalize_vector(values, self.vector_mean, self.vector_std)
+            out[name] = values
+        return out
 
     @staticmethod
     def step_flops(config) -> float:
@@ -116,20 +146,25 @@ class VJEPA:
         dims = models.resolved_dims(config.model)
         encoder = dict(dims["encoder"], patch_size=config.model.encoder.patch_size,
                        tubelet_size=config.model.encoder.tubelet_size)
-        return vjepa_step_flops(int(np.prod(masks.clip_token_grid(config))), masks.mask_lengths(config), encoder,
+        tokens = channels_lib.num_tokens(models.model_channels(config.model), masks.clip_token_grid(config))
+        return vjepa_step_flops(tokens, masks.mask_lengths(config), encoder,
                                 dims["predictor"], config.train.global_batch_size)
 
     # ---- forward passes ----
-    def encode(self, encoder_params: Params, video: jax.Array, token_idx: jax.Array | None = None) -> jax.Array:
-        return nnx.merge(self.encoder_def, nnx.State(encoder_params))(video, token_idx)
+    def encode(self, encoder_params: Params, video: jax.Array, token_idx: jax.Array | None = None,
+               inputs=None, available=None) -> jax.Array:
+        encoder = nnx.merge(self.encoder_def, nnx.State(encoder_params))
+        if not self.multi_channel:
+            return encoder(video, token_idx)
+        return encoder(video, token_idx, inputs=inputs, available=available)
 
     def predict(self, predictor_params: Params, context: jax.Array, context_idx: jax.Array,
                 target_idx: jax.Array, mask_index: int, with_context: bool = False) -> jax.Array:
         predictor = nnx.merge(self.predictor_def, nnx.State(predictor_params))
         return predictor(context, context_idx, target_idx, mask_index, with_context)
 
-    def targets(self, ema_params: Params, video: jax.Array) -> jax.Array:
-        return jax.lax.stop_gradient(layer_norm(self.encode(ema_params, video)))
+    def targets(self, ema_params: Params, video: jax.Array, inputs=None, available=None) -> jax.Array:
+        return jax.lax.stop_gradient(layer_norm(self.encode(ema_params, video, None, inputs, available)))
 
     # ---- the loss ----
     def distance(self, pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -145,12 +180,18 @@ class VJEPA:
         """Returns (loss, aux) with the loss per mask type and collapse diagnostics of the targets; `step`
         drives the context-loss warm-up."""
         video = normalize_video(batch["video"])
-        targets = self.targets(ema_params, video)
+        inputs = available = None
+        if self.multi_channel:
+            # The EMA encoder sees every channel a clip has (a dropped channel included: its tokens are targets);
+            # a channel the clip lacks is masked out of its attention, and the masks never pick its tokens.
+            inputs = self.channel_inputs(batch)
+            available = channels_lib.available_tokens(batch["present"], self.channels, self.grid)
+        targets = self.targets(ema_params, video, inputs, available)
         with_context = self.context_weight > 0
         aux, total = {}, 0.0
         for name, mask_token in zip(self.mask_names, self.mask_tokens, strict=True):
             ctx_idx, tgt_idx = batch[f"{name}/context_idx"], batch[f"{name}/target_idx"]
-            context = self.encode(params["encoder"], video, ctx_idx)
+            context = self.encode(params["encoder"], video, ctx_idx, inputs)
             pred = self.predict(params["predictor"], context, ctx_idx, tgt_idx, mask_token, with_context)
             nc = ctx_idx.shape[1]
             pred_tgt = pred[:, nc:] if with_context else pred
@@ -158,7 +199,7 @@ class VJEPA:
             aux[f"loss/{name}"] = loss
             if with_context:
                 err = self.distance(pred[:, :nc], gather_tokens(targets, ctx_idx))
-                ctx_loss = jnp.mean(err * context_token_weights(ctx_idx, self.grid))
+                ctx_loss = jnp.mean(err * context_token_weights(ctx_idx, self.grid, self.channels))
                 aux[f"loss/{name}_context"] = ctx_loss
                 loss = loss + self.context_lambda(step) * ctx_loss
             if self.variance_weight > 0 or self.covariance_weight > 0:
@@ -182,10 +223,13 @@ def variance_covariance(tokens: jax.Array, eps: float = 1e-4) -> tuple[jax.Array
     return jnp.mean(jax.nn.relu(1.0 - std)), jnp.sum(jnp.square(off)) / x.shape[-1]
 
 
-def context_token_weights(context_idx: jax.Array, grid: Sequence[int]) -> jax.Array:
+def context_token_weights(context_idx: jax.Array, grid: Sequence[int], channels: Sequence[str] = ("video",)
+                          ) -> jax.Array:
     """[B, Nc] -> 1 / sqrt(distance from each context token to the nearest non-context token), distances in
-    token-grid units over (t, h, w): context tokens next to the masked region carry most of the context loss."""
-    coords = jnp.asarray(grid_positions(grid), jnp.float32)                      # [L, 3]
+    token-grid units over (t, h, w) (RoPE positions of the joint sequence with several channels): context tokens
+    next to the masked region carry most of the context loss."""
+    pos = grid_positions(grid) if len(channels) == 1 else channels_lib.positions(channels, grid)
+    coords = jnp.asarray(pos, jnp.float32)                                       # [L, 3]
     b = context_idx.shape[0]
     in_context = jnp.zeros((b, coords.shape[0]), bool).at[jnp.arange(b)[:, None], context_idx].set(True)
     d2 = jnp.sum(jnp.square(coords[context_idx][:, :, None, :] - coords[None, None]), axis=-1)  # [B, Nc, L]
