@@ -80,8 +80,15 @@ def episode_seeds(domain: str, count: int, goal_steps: int, resolution: int, fir
     from jepa.envs import make_env
     env = make_env(domain, first, resolution)
     seeds, seed = [], first
+    # A goal too close to start from (e.g. point_mass with goal_steps under ~8) never qualifies: give up, loudly,
+    # once far more seeds than asked for have been tried instead of searching forever.
+    tries = 20 * count + 100
     try:
         while len(seeds) < count:
+            if seed - first >= tries:
+                raise ValueError(f"plan.goal_steps={goal_steps}: only {len(seeds)} of {seed - first} {domain} "
+                                 f"episodes put the goal {2 * SUCCESS_RADIUS[env.domain]} m or more away; "
+                                 "raise plan.goal_steps")
             goal = make_goal(env, seed, goal_steps)
             if np.linalg.norm(env.effector_position() - goal.position) >= 2 * SUCCESS_RADIUS[env.domain]:
                 seeds.append(seed)

@@ -108,3 +108,11 @@ def test_plan_bench_times_a_planning_call(capsys):
     cached, full = map(float, re.search(r"([\d.]+) GFLOP with the cached rollout, ([\d.]+) GFLOP", out).groups())
     assert 0 < cached < full
     assert "% of the float32 matmul peak" in out
+
+
+def test_episode_seeds_refuse_goals_too_close_to_ever_qualify():
+    """point_mass moves ~1.5 cm per step: a 1-step goal never lies two success radii away, so the search must stop
+    and say which field to raise instead of looping over seeds forever."""
+    from jepa.plan import episode_seeds
+    with pytest.raises(ValueError, match="plan.goal_steps=1"):
+        episode_seeds("point_mass", 1, goal_steps=1, resolution=16)
