@@ -457,7 +457,7 @@ def calibrate(model: WorldModel, domain: str, config, *, ensemble: Ensemble | No
     """Thresholds for `domain` from nominal planning episodes (default: plan.guard_calibration_episodes from a
     seed range of their own), the gate only watching: per-signal thresholds at the quantile that acts on
     plan.guard_coverage of their blocks, the fault margin at plan.guard_fault_quantile of their consequence
-    scores (of `consequences`, default the model's own check). Returns (thresholds, {signal: [nominal values]})."""
+    scores (of `consequences`, default the model's own check), and at least 0. Returns (thresholds, {signal: [nominal values]})."""
     from jepa.plan import episode_seeds
     settings = GuardSettings.from_config(config.plan)
     if seeds is None:
@@ -471,7 +471,11 @@ def calibrate(model: WorldModel, domain: str, config, *, ensemble: Ensemble | No
     signals = {k: np.asarray([r["signals"][k] for r in rows]) for k in SIGNALS if rows[0]["signals"][k] is not None}
     scores = np.asarray([r["consequence"]["score"] for r in rows if "consequence" in r])
     thr, q = coverage_thresholds(signals, settings.coverage)
-    thresholds = Thresholds(**thr, fault_margin=float(np.quantile(scores, settings.fault_quantile)), quantile=q)
+    # Never below 0: a fault is named only when its hypothesis explains the observations better than the executed
+    # actions do. Nominal scores can all sit below 0 (a check that replays the executed block exactly scores -1
+    # there), and a quantile of them would let rounding name faults.
+    margin = max(0.0, float(np.quantile(scores, settings.fault_quantile)))
+    thresholds = Thresholds(**thr, fault_margin=margin, quantile=q)
     log.info("guard calibrated on %d nominal %s episodes (%d blocks): quantile %.3f, thresholds %s, fault margin "
              "%.4f", len(seeds), domain, len(rows), q, {k: round(v, 5) for k, v in thr.items()},
              thresholds.fault_margin)
