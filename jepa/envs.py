@@ -419,18 +419,17 @@ def _add_obstacle(env: WorldEnv, at) -> Callable[[], None]:
     new.model.geom_contype[obstacle], new.model.geom_conaffinity[obstacle] = 0, 2
     new.model.opt.disableflags &= ~int(mujoco.mjtDisableBit.mjDSBL_CONTACT)
     _carry_state(old, new)
-    physics_before, scratch = env.physics, getattr(env, "_scratch", None)
+    scratch = getattr(env, "_scratch", None)   # simulate()'s copy of the physics it plans on
 
-    def swap(physics) -> None:
+    def swap(physics, scratch_copy) -> None:
         env.physics = env.env._physics = physics
-        env._scratch = None   # simulate() copies the physics it plans on
+        env._scratch = scratch_copy
 
-    swap(new)
+    swap(new, None)
 
     def restore() -> None:
-        _carry_state(new, physics_before)
-        swap(physics_before)
-        env._scratch = scratch
+        _carry_state(new, old)
+        swap(old, scratch)
         new.free()
     return restore
 

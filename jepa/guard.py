@@ -28,14 +28,13 @@ nominal episodes' scores) names the fault: that hypothesis ("actuator 0 inverted
 
 The benchmark runs seeded episodes per domain, a fault injected at the middle block of every other one
 (jepa.envs.inject_fault: an actuator inverted, dead or weakened, every body 5x heavier, the camera moved, a new
-obstacle), each
-episode twice on the same seed: unguarded (the gate logs, never refuses) and guarded. It reports the detection
-AUROC of the consequence score and of surprise per fault (faulty episodes' largest score from the fault on vs
-nominal episodes' over the same blocks), the median delay to detection in environment steps, false alarms on
+obstacle), each episode twice on the same seed: unguarded (the gate logs, never refuses) and guarded. It reports the
+detection AUROC of the consequence score and of surprise per fault (faulty episodes' largest score from the fault on
+vs nominal episodes' over the same blocks), the median delay to detection in environment steps, false alarms on
 nominal episodes, the gate's coverage of nominal blocks, and violations of each episode's rule
 (jepa.constraints.episode_rules, measured on the true state) with and without the gate; JSON, Markdown and a
-risk-coverage plot (risk: the fraction of acted blocks that come after a fault; coverage: the fraction of
-nominal blocks acted on, over the per-signal quantile)."""
+risk-coverage plot (risk: the fraction of acted blocks that come after a fault; coverage: the fraction of nominal
+blocks acted on, over the per-signal quantile)."""
 
 from __future__ import annotations
 
@@ -457,7 +456,8 @@ def calibrate(model: WorldModel, domain: str, config, *, ensemble: Ensemble | No
     """Thresholds for `domain` from nominal planning episodes (default: plan.guard_calibration_episodes from a
     seed range of their own), the gate only watching: per-signal thresholds at the quantile that acts on
     plan.guard_coverage of their blocks, the fault margin at plan.guard_fault_quantile of their consequence
-    scores (of `consequences`, default the model's own check), and at least 0. Returns (thresholds, {signal: [nominal values]})."""
+    scores (of `consequences`, default the model's own check), and at least 0. Returns (thresholds, {signal:
+    [nominal values]})."""
     from jepa.plan import episode_seeds
     settings = GuardSettings.from_config(config.plan)
     if seeds is None:
