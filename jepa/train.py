@@ -396,16 +396,24 @@ def train(config, workdir: str) -> TrainResult:
         if pending is not None:
             finish_step(pending)
     finally:
-        if not multi_process:
-            signal.signal(signal.SIGTERM, previous_handler)
-        if profiling:
-            jax.profiler.stop_trace()
-        for closable in (checkpointer, writer, data_iter):
-            close = getattr(closable, "close", None)
-            if close is not None:
-                close()
-        if lock is not None:
-            lock.release()
+        # The handler stays until the last save is written and the lock released: a SIGTERM while the final
+        # checkpoint is still being written must not kill the process mid-save.
+        try:
+            if profiling:
+                jax.profiler.stop_trace()
+            for closable in (checkpointer, writer, data_iter):
+                close = getattr(closable, "close", None)
+                if close is not None:
+                    close()
+            if lock is not None:
+                lock.release()
+        finally:
+            if not multi_process:
+                signal.signal(signal.SIGTERM, previous_handler)
+    if preempted["flag"]:  # after the last step: everything is saved, and a rerun returns at once
+        logging.warning("SIGTERM after the last step: step %d is saved; exiting with code %d", step,
+                        PREEMPTED_EXIT_CODE)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
     if data_iter.skipped_total:
         logging.warning("%d unreadable clips were skipped so far in this run (counted across resumes; see the "
                         "warnings naming them)", data_iter.skipped_total)

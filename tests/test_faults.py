@@ -88,11 +88,16 @@ def test_kills_and_damage_end_exactly_where_an_undisturbed_run_ends(tmp_path, wo
                 time.sleep(0.2)
             time.sleep(rng.uniform(0.0, 1.0))
         sig = signal.SIGTERM if attempt in (3, 6) else signal.SIGKILL
-        proc.send_signal(sig)
+        finished = proc.poll() is not None  # a fast run can reach the last step first: nothing to signal then
+        if not finished:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=300)
         log.append((attempt, sig.name, proc.returncode, _saved_steps(workdir)))
-        if sig == signal.SIGTERM:
-            assert proc.returncode == 42, child_error(err)
+        if sig == signal.SIGTERM and not finished:
+            # 42 (saved, resumable); or, once the trainer has saved its last step, closed everything and handed the
+            # signal back (interpreter teardown), SIGTERM's default end: nothing is left unsaved then.
+            done = _saved_steps(workdir)[-1:] == [STEPS] and "SIGTERM" not in err
+            assert proc.returncode == 42 or (proc.returncode == -signal.SIGTERM and done), child_error(err)
         saved = _saved_steps(workdir)
         newest = workdir / "checkpoints" / str(saved[-1]) if saved else None
         # Damage only a sealed newest step with an older step to fall back to (a kill between a finished save and
