@@ -199,6 +199,14 @@ def counterfactuals(block: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def verdict(evidence: np.ndarray, candidates: list[tuple[str, np.ndarray]], error: float) -> dict:
+    """A consequence check's result: the evidence per counterfactual (candidates[1:]), the best one's score and
+    name, and the executed block's error."""
+    best = int(np.argmax(evidence))
+    return {"evidence": evidence, "hypotheses": [name for name, _ in candidates[1:]],
+            "score": float(evidence[best]), "hypothesis": candidates[1 + best][0], "error": error}
+
+
 class Consequences:
     """Prediction errors of the executed and counterfactual blocks against what was observed next, all
     candidates in one jitted call: the representation, and the physical state too when the model predicts it
@@ -238,9 +246,7 @@ class Consequences:
             m.predictor_params, z, pad_states(states, k), m._past(past_actions, k), tokens, observed, seen_state))
         relative = lambda err: np.zeros(len(err) - 1) if err[0] <= 0 else 1.0 - err[1:] / err[0]
         evidence = relative(err_z) + (relative(err_s) if self.uses_state else 0.0)
-        best = int(np.argmax(evidence))
-        return {"evidence": evidence, "hypotheses": [name for name, _ in cands[1:]], "score": float(evidence[best]),
-                "hypothesis": cands[1 + best][0], "error": float(err_z[0])}
+        return verdict(evidence, cands, float(err_z[0]))
 
 
 class SimulatorConsequences:
@@ -266,9 +272,7 @@ class SimulatorConsequences:
         # Relative to the larger error, so each block's evidence lies in [-1, 1]: the executed block replays to
         # rounding, and 1 - err / err[0] would let one nominal block outweigh any number of faulty ones in the sum.
         evidence = (err[0] - err[1:]) / np.maximum(np.maximum(err[0], err[1:]), 1e-9)
-        best = int(np.argmax(evidence))
-        return {"evidence": evidence, "hypotheses": [name for name, _ in cands[1:]], "score": float(evidence[best]),
-                "hypothesis": cands[1 + best][0], "error": float(err[0])}
+        return verdict(evidence, cands, float(err[0]))
 
 
 _CONSEQUENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
